@@ -1,0 +1,3 @@
+from .config import CfgNode, get_cfg
+
+__all__ = ["CfgNode", "get_cfg"]

@@ -1,0 +1,88 @@
+"""The default configuration.
+
+Names and default values follow detectron2 where detectron2 has the key. Keys that trainkit adds are marked
+``# trainkit:`` with a line on what they do. Every key a config file sets must exist here: an unknown key is an
+error that names the nearest valid one.
+"""
+from yacs.config import CfgNode as _YacsNode
+
+__all__ = ["_C"]
+
+_C = _YacsNode()
+_C.VERSION = 2
+
+_C.MODEL = _YacsNode()
+_C.MODEL.DEVICE = "cuda"
+_C.MODEL.WEIGHTS = ""
+# trainkit: detectron2's default "GeneralizedRCNN" does not exist here; the built-in MLP is the default.
+_C.MODEL.META_ARCHITECTURE = "MLPClassifier"
+# trainkit: number of classes of the built-in classifiers.
+_C.MODEL.NUM_CLASSES = 10
+# trainkit: the built-in MLPClassifier. Inputs are flattened to IN_FEATURES values.
+_C.MODEL.MLP = _YacsNode()
+_C.MODEL.MLP.IN_FEATURES = 64
+_C.MODEL.MLP.HIDDEN_DIMS = [128, 128]
+_C.MODEL.MLP.DROPOUT = 0.0
+# trainkit: the built-in ConvNetClassifier (3x3 conv + ReLU per entry of CHANNELS, then a linear head).
+_C.MODEL.CONVNET = _YacsNode()
+_C.MODEL.CONVNET.IN_CHANNELS = 1
+_C.MODEL.CONVNET.CHANNELS = [32, 64]
+_C.MODEL.CONVNET.DROPOUT = 0.25
+
+# trainkit: random augmentation of training images (the digits data set uses it).
+_C.INPUT = _YacsNode()
+_C.INPUT.AUGMENT = _YacsNode()
+_C.INPUT.AUGMENT.ENABLED = False
+# Largest shift, in pixels, of a random translation.
+_C.INPUT.AUGMENT.MAX_SHIFT = 1
+
+_C.DATASETS = _YacsNode()
+_C.DATASETS.TRAIN = ()
+_C.DATASETS.TEST = ()
+
+_C.DATALOADER = _YacsNode()
+_C.DATALOADER.NUM_WORKERS = 4
+_C.DATALOADER.SAMPLER_TRAIN = "TrainingSampler"
+
+_C.SOLVER = _YacsNode()
+# trainkit: "SGD" or "AdamW" (case-insensitive).
+_C.SOLVER.OPTIMIZER = "SGD"
+_C.SOLVER.LR_SCHEDULER_NAME = "WarmupMultiStepLR"
+_C.SOLVER.MAX_ITER = 40000
+_C.SOLVER.BASE_LR = 0.001
+_C.SOLVER.BASE_LR_END = 0.0
+_C.SOLVER.MOMENTUM = 0.9
+_C.SOLVER.NESTEROV = False
+_C.SOLVER.WEIGHT_DECAY = 0.0001
+_C.SOLVER.WEIGHT_DECAY_NORM = 0.0
+_C.SOLVER.GAMMA = 0.1
+_C.SOLVER.STEPS = (30000,)
+_C.SOLVER.NUM_DECAYS = 3
+_C.SOLVER.WARMUP_FACTOR = 1.0 / 1000
+_C.SOLVER.WARMUP_ITERS = 1000
+_C.SOLVER.WARMUP_METHOD = "linear"
+_C.SOLVER.RESCALE_INTERVAL = False
+_C.SOLVER.CHECKPOINT_PERIOD = 5000
+_C.SOLVER.IMS_PER_BATCH = 16
+_C.SOLVER.REFERENCE_WORLD_SIZE = 0
+_C.SOLVER.BIAS_LR_FACTOR = 1.0
+_C.SOLVER.WEIGHT_DECAY_BIAS = None
+_C.SOLVER.CLIP_GRADIENTS = _YacsNode()
+_C.SOLVER.CLIP_GRADIENTS.ENABLED = False
+_C.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "value"
+_C.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 1.0
+_C.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
+_C.SOLVER.AMP = _YacsNode()
+_C.SOLVER.AMP.ENABLED = False
+# trainkit: "float16" (with a GradScaler) or "bfloat16" (no scaler; also works on CPU).
+_C.SOLVER.AMP.PRECISION = "float16"
+# trainkit: every LOG_PERIOD iterations the pending metrics move to the host in one transfer (and are reduced
+# across processes) and the writers write. 1 gives detectron2's per-step behaviour.
+_C.SOLVER.LOG_PERIOD = 20
+
+_C.TEST = _YacsNode()
+_C.TEST.EVAL_PERIOD = 0
+
+_C.OUTPUT_DIR = "./output"
+_C.SEED = -1
+_C.CUDNN_BENCHMARK = False
