@@ -3,9 +3,10 @@
 Every function is correct when torch.distributed is not available or not initialised: it then behaves as a
 world of one process. Communication goes through torch.distributed only.
 """
-import functools
+from __future__ import annotations
+
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -75,39 +76,58 @@ def synchronize() -> None:
             dist.barrier()
 
 
-@functools.lru_cache()
-def _gloo_group():
-    # Object collectives on the CPU: a gloo group even when the default backend is NCCL.
-    if dist.get_backend() == "nccl":
-        return dist.new_group(backend="gloo")
-    return dist.group.WORLD
+# (default group, its gloo twin): object collectives run on the CPU, so with an NCCL default group they go
+# through a gloo group made once per default group. Keyed on the default group so that a new process group
+# (after destroy_process_group and init_process_group) never reuses a group of the old one.
+_CPU_GROUP: Optional[Tuple[Any, Any]] = None
 
 
-def all_gather(data: Any, group=None) -> List[Any]:
-    """Gathers any picklable object from every rank.
+def _cpu_group() -> Optional[dist.ProcessGroup]:
+    """The group for object collectives: None (the default group) unless the default backend is NCCL."""
+    global _CPU_GROUP
+    if dist.get_backend() != dist.Backend.NCCL:
+        return None
+    world = dist.group.WORLD
+    if _CPU_GROUP is None or _CPU_GROUP[0] is not world:
+        _CPU_GROUP = (world, dist.new_group(backend="gloo"))
+    return _CPU_GROUP[1]
+
+
+def all_gather(data: Any, group: Optional[dist.ProcessGroup] = None) -> List[Any]:
+    """Gathers any picklable object from every rank of ``group``.
+
+    Args:
+        data: any picklable object.
+        group: the group to gather over; by default all processes (through a gloo group when the default
+            backend is NCCL, so that pickled bytes never travel through GPU memory).
 
     Returns:
-        list: one entry per rank, in rank order.
+        list: one entry per rank of the group, in rank order.
     """
     if get_world_size() == 1:
         return [data]
-    group = group if group is not None else _gloo_group()
-    output = [None for _ in range(dist.get_world_size(group))]
+    group = group if group is not None else _cpu_group()
+    output: List[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(output, data, group=group)
     return output
 
 
-def gather(data: Any, dst: int = 0, group=None) -> List[Any]:
-    """Gathers any picklable object to rank ``dst``.
+def gather(data: Any, dst: int = 0, group: Optional[dist.ProcessGroup] = None) -> List[Any]:
+    """Gathers any picklable object to the process of global rank ``dst``.
+
+    Args:
+        data: any picklable object.
+        dst: global rank of the destination (as in ``torch.distributed.gather_object``, even with ``group``).
+        group: the group to gather over; by default all processes.
 
     Returns:
-        list: on ``dst``, one entry per rank in rank order; on other ranks, an empty list.
+        list: on ``dst``, one entry per rank of the group in rank order; on other ranks, an empty list.
     """
     if get_world_size() == 1:
         return [data]
-    group = group if group is not None else _gloo_group()
-    if dist.get_rank(group=group) == dst:
-        output = [None for _ in range(dist.get_world_size(group))]
+    group = group if group is not None else _cpu_group()
+    if get_rank() == dst:
+        output: List[Any] = [None] * dist.get_world_size(group)
         dist.gather_object(data, output, dst=dst, group=group)
         return output
     dist.gather_object(data, None, dst=dst, group=group)
@@ -115,7 +135,10 @@ def gather(data: Any, dst: int = 0, group=None) -> List[Any]:
 
 
 def shared_random_seed() -> int:
-    """A random integer that is the same on every rank (rank 0's draw)."""
+    """A random integer in ``[0, 2**31)`` that is the same on every rank (rank 0's draw).
+
+    Every rank draws from its global numpy RNG, so the RNG streams of all ranks advance alike.
+    """
     seed = int(np.random.randint(2**31))
     return all_gather(seed)[0]
 
@@ -124,19 +147,23 @@ def reduce_dict(input_dict: Dict[str, torch.Tensor], average: bool = True) -> Di
     """Reduces the values of a dict of scalar tensors across ranks in one collective.
 
     Args:
-        input_dict: the same keys on every rank; values are 0-dim tensors on this rank's device.
-        average: average instead of sum.
+        input_dict: the same keys on every rank (insertion order may differ); values are 0-dim tensors of
+            one dtype on this rank's device (a CUDA device with the NCCL backend). The keys are not checked
+            across ranks: that would cost a second collective on every call.
+        average: average instead of sum. Averaging integer tensors gives floating-point results.
 
     Returns:
-        dict with the same keys and reduced values (on every rank).
+        dict with the same keys, in the same order, and the reduced values (on every rank). With a single
+        process, ``input_dict`` itself.
     """
     world_size = get_world_size()
-    if world_size < 2:
+    if world_size < 2 or not input_dict:
         return input_dict
     with torch.no_grad():
         names = sorted(input_dict.keys())
         values = torch.stack([input_dict[k] for k in names])
         dist.all_reduce(values)
         if average:
-            values /= world_size
-        return dict(zip(names, values))
+            values = values / world_size
+        reduced = dict(zip(names, values))
+        return {k: reduced[k] for k in input_dict}
