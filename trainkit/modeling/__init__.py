@@ -1,0 +1,5 @@
+"""Models: the ``MODEL_REGISTRY``, ``build_model`` and the built-in classifiers."""
+from .build import MODEL_REGISTRY, build_model
+from .classifiers import ClassifierBase, ConvNetClassifier, MLPClassifier
+
+__all__ = ["MODEL_REGISTRY", "build_model", "ClassifierBase", "MLPClassifier", "ConvNetClassifier"]
