@@ -47,6 +47,8 @@ _C.DATALOADER.SAMPLER_TRAIN = "TrainingSampler"
 _C.SOLVER = _YacsNode()
 # trainkit: "SGD" or "AdamW" (case-insensitive).
 _C.SOLVER.OPTIMIZER = "SGD"
+# trainkit: AdamW's (beta1, beta2); SGD ignores them.
+_C.SOLVER.BETAS = (0.9, 0.999)
 _C.SOLVER.LR_SCHEDULER_NAME = "WarmupMultiStepLR"
 _C.SOLVER.MAX_ITER = 40000
 _C.SOLVER.BASE_LR = 0.001
@@ -69,6 +71,8 @@ _C.SOLVER.BIAS_LR_FACTOR = 1.0
 _C.SOLVER.WEIGHT_DECAY_BIAS = None
 _C.SOLVER.CLIP_GRADIENTS = _YacsNode()
 _C.SOLVER.CLIP_GRADIENTS.ENABLED = False
+# "value" (clamp each element), "norm" (each parameter's gradient norm, as in detectron2) or, trainkit:
+# "full_model" (the total norm of all gradients together, like torch.nn.utils.clip_grad_norm_ over the model).
 _C.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "value"
 _C.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 1.0
 _C.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
