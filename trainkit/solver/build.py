@@ -7,6 +7,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Type
 import torch
 from fvcore.common.param_scheduler import CosineParamScheduler, MultiStepParamScheduler, ParamScheduler
 
+from ..config import CfgNode
 from .lr_scheduler import LRMultiplier, StepWithFixedGammaParamScheduler, WarmupParamScheduler
 
 __all__ = [
@@ -40,7 +41,7 @@ _LR_SCHEDULERS = ("WarmupMultiStepLR", "WarmupCosineLR", "WarmupStepWithFixedGam
 ParamGroups = List[Dict[str, Any]]
 
 
-def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
     """Builds the optimizer named by ``SOLVER.OPTIMIZER`` ("SGD" or "AdamW", any case) for ``model``.
 
     Parameter groups come from :func:`get_default_optimizer_params` (per-parameter weight decay and LR for norm
@@ -159,7 +160,7 @@ def reduce_param_groups(params: ParamGroups) -> ParamGroups:
     return [{"params": group_params, **dict(hyperparams)} for hyperparams, group_params in merged.items()]
 
 
-def maybe_add_gradient_clipping(cfg, optimizer: Type[torch.optim.Optimizer]) -> Type[torch.optim.Optimizer]:
+def maybe_add_gradient_clipping(cfg: CfgNode, optimizer: Type[torch.optim.Optimizer]) -> Type[torch.optim.Optimizer]:
     """Returns ``optimizer`` (a class), or a subclass whose ``step()`` clips gradients first.
 
     Clipping is added when ``SOLVER.CLIP_GRADIENTS.ENABLED``. ``CLIP_TYPE``:
@@ -231,7 +232,7 @@ def _optimizer_class_with_gradient_clipping(
     return OptimizerWithGradientClipping
 
 
-def build_lr_scheduler(cfg, optimizer: torch.optim.Optimizer) -> LRMultiplier:
+def build_lr_scheduler(cfg: CfgNode, optimizer: torch.optim.Optimizer) -> LRMultiplier:
     """Builds the LR schedule named by ``SOLVER.LR_SCHEDULER_NAME``, with warmup, as an :class:`LRMultiplier`.
 
     - ``WarmupMultiStepLR``: the LR is multiplied by ``GAMMA`` at each iteration in ``STEPS``.
