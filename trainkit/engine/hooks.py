@@ -1,0 +1,199 @@
+"""Hooks: the ways to add behaviour to the training loop without touching it.
+
+Each hook does one thing. They talk to the rest of the run through ``self.trainer`` (a weak reference) and
+the trainer's :class:`~trainkit.utils.events.EventStorage`.
+"""
+import datetime
+import logging
+import time
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import torch
+
+from trainkit.engine.train_loop import HookBase
+from trainkit.utils.events import EventWriter
+
+__all__ = ["CallbackHook", "IterationTimer", "LRScheduler", "PeriodicWriter"]
+
+logger = logging.getLogger(__name__)
+
+
+class CallbackHook(HookBase):
+    """A hook made of functions: each given callback is called with the trainer at its hook point.
+
+    Example::
+
+        CallbackHook(after_step=lambda trainer: print(trainer.iter))
+    """
+
+    def __init__(
+        self,
+        *,
+        before_train: Optional[Callable[[Any], None]] = None,
+        after_train: Optional[Callable[[Any], None]] = None,
+        before_step: Optional[Callable[[Any], None]] = None,
+        after_backward: Optional[Callable[[Any], None]] = None,
+        after_step: Optional[Callable[[Any], None]] = None,
+    ) -> None:
+        self._before_train = before_train
+        self._after_train = after_train
+        self._before_step = before_step
+        self._after_backward = after_backward
+        self._after_step = after_step
+
+    def before_train(self) -> None:
+        if self._before_train:
+            self._before_train(self.trainer)
+
+    def after_train(self) -> None:
+        if self._after_train:
+            self._after_train(self.trainer)
+        # The callbacks may be closures that hold the trainer: drop them once training is over.
+        self._before_train = self._after_train = self._before_step = self._after_backward = self._after_step = None
+
+    def before_step(self) -> None:
+        if self._before_step:
+            self._before_step(self.trainer)
+
+    def after_backward(self) -> None:
+        if self._after_backward:
+            self._after_backward(self.trainer)
+
+    def after_step(self) -> None:
+        if self._after_step:
+            self._after_step(self.trainer)
+
+
+def _format_seconds(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+class IterationTimer(HookBase):
+    """Puts the wall time of each iteration into the storage as ``time`` and logs the totals at the end.
+
+    The first ``warmup_iter`` iterations are not timed (they include one-off costs such as allocator warm-up
+    and data-loader start-up). Register it first so that its time covers the other hooks too.
+
+    Args:
+        warmup_iter: iterations to leave out of the timing.
+    """
+
+    def __init__(self, warmup_iter: int = 3) -> None:
+        self._warmup_iter = warmup_iter
+        self._step_start = 0.0
+        self._step_end = 0.0
+        self._train_start = 0.0
+        self._timed_start: Optional[float] = None  # wall time when the first timed iteration began
+        self._timed_iters = 0
+
+    def before_train(self) -> None:
+        self._train_start = time.perf_counter()
+        self._timed_start = None
+        self._timed_iters = 0
+
+    def after_train(self) -> None:
+        total = time.perf_counter() - self._train_start
+        iters = self.trainer.iter - self.trainer.start_iter
+        if self._timed_iters > 0 and self._timed_start is not None:
+            timed = self._step_end - self._timed_start
+            logger.info(
+                "Overall training speed: %d iterations in %s (%.4f s / it)",
+                self._timed_iters,
+                _format_seconds(timed),
+                timed / self._timed_iters,
+            )
+        logger.info("Total training time: %s (%d iterations)", _format_seconds(total), iters)
+
+    def before_step(self) -> None:
+        self._step_start = time.perf_counter()
+
+    def after_step(self) -> None:
+        self._step_end = now = time.perf_counter()
+        done = self.trainer.iter - self.trainer.start_iter + 1
+        if done > self._warmup_iter:
+            if self._timed_start is None:
+                self._timed_start = self._step_start
+            self._timed_iters += 1
+            self.trainer.storage.put_scalar("time", now - self._step_start)
+
+
+class LRScheduler(HookBase):
+    """Steps a torch LR scheduler after every iteration and puts the learning rate used as ``lr``.
+
+    The scheduler's state is saved with the trainer's. When several parameter groups exist, ``lr`` is that of
+    the group with the most parameters (when all LRs are equal) or the largest LR.
+
+    Args:
+        optimizer: defaults to ``trainer.optimizer``.
+        scheduler: defaults to ``trainer.scheduler``.
+    """
+
+    def __init__(self, optimizer: Optional[torch.optim.Optimizer] = None, scheduler: Optional[Any] = None) -> None:
+        self._optimizer = optimizer
+        self._scheduler = scheduler
+        self._group = 0
+
+    def before_train(self) -> None:
+        self._optimizer = self._optimizer or self.trainer.optimizer
+        if self._scheduler is None:
+            self._scheduler = self.trainer.scheduler
+        self._group = self._pick_group(self._optimizer)
+
+    @staticmethod
+    def _pick_group(optimizer: torch.optim.Optimizer) -> int:
+        groups = optimizer.param_groups
+        lrs = {g["lr"] for g in groups}
+        if len(lrs) == 1:
+            return max(range(len(groups)), key=lambda i: len(groups[i]["params"]))
+        return max(range(len(groups)), key=lambda i: groups[i]["lr"])
+
+    @property
+    def scheduler(self) -> Any:
+        return self._scheduler or self.trainer.scheduler
+
+    def after_step(self) -> None:
+        lr = self._optimizer.param_groups[self._group]["lr"]
+        self.trainer.storage.put_scalar("lr", lr, smoothing_hint=False)
+        self._scheduler.step()
+
+    def state_dict(self) -> Dict[str, Any]:
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.LRScheduler):
+            return self.scheduler.state_dict()
+        return {}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.LRScheduler):
+            logger.info("Loading scheduler from state_dict ...")
+            self.scheduler.load_state_dict(state_dict)
+
+
+class PeriodicWriter(HookBase):
+    """Calls each writer's ``write()`` every ``period`` iterations and after the last one, then closes them.
+
+    Args:
+        writers: the :class:`EventWriter` s.
+        period: iterations between writes. Match the trainer's ``gather_metric_period`` (or a multiple of it):
+            losses reach the storage at gathers, so writing more often only repeats the same values.
+    """
+
+    def __init__(self, writers: Sequence[EventWriter], period: int = 20) -> None:
+        self._writers = list(writers)
+        for w in self._writers:
+            if not isinstance(w, EventWriter):
+                raise TypeError(f"PeriodicWriter takes EventWriter instances, got {type(w).__name__}")
+        self._period = period
+
+    def after_step(self) -> None:
+        it = self.trainer.iter
+        if (it + 1) % self._period == 0 or it == self.trainer.max_iter - 1:
+            for writer in self._writers:
+                writer.write()
+
+    def after_train(self) -> None:
+        # Also after an exception: write what there is, and always close.
+        try:
+            for writer in self._writers:
+                writer.write()
+        finally:
+            for writer in self._writers:
+                writer.close()

@@ -1,0 +1,482 @@
+"""The training loop: hooks, the loop itself, and the one training step.
+
+This file knows nothing of configs. It imports torch and :mod:`trainkit.utils.events` only (plus the rank
+helpers of :mod:`trainkit.utils.comm`, which are thin wrappers over torch.distributed).
+
+Reading guide: :meth:`TrainerBase.train` is the loop; :meth:`SimpleTrainer.run_step` is everything one
+iteration does; :meth:`SimpleTrainer.flush_metrics` is the only place the step's metrics leave the device.
+"""
+import concurrent.futures
+import logging
+import math
+import time
+import weakref
+from contextlib import nullcontext
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from trainkit.utils import comm
+from trainkit.utils.events import EventStorage, get_event_storage
+
+__all__ = ["HookBase", "TrainerBase", "SimpleTrainer", "AMPTrainer"]
+
+logger = logging.getLogger(__name__)
+
+_HOOK_POINTS = ("before_train", "after_train", "before_step", "after_backward", "after_step")
+
+
+class HookBase:
+    """Base class of the hooks that a :class:`TrainerBase` calls.
+
+    The five hook points are called in this order::
+
+        hook.before_train()
+        for iter in range(start_iter, max_iter):
+            hook.before_step()
+            trainer.run_step()        # calls hook.after_backward() between backward and the optimizer step
+            hook.after_step()
+        iter += 1
+        hook.after_train()           # also when training raised
+
+    Every method is a no-op by default; override the ones you need. Hooks of one trainer run in the order
+    they were registered. Keep ``before_step`` and ``after_backward`` cheap: they run inside every step.
+    Slow or periodic work belongs in ``after_step``.
+
+    Attributes:
+        trainer: a weak reference (``weakref.proxy``) to the trainer, set by :meth:`TrainerBase.register_hooks`.
+    """
+
+    trainer: "TrainerBase" = None  # type: ignore[assignment]
+
+    def before_train(self) -> None:
+        """Called once, before the first iteration."""
+
+    def after_train(self) -> None:
+        """Called once, after the last iteration or after training raised."""
+
+    def before_step(self) -> None:
+        """Called before each iteration."""
+
+    def after_backward(self) -> None:
+        """Called after the backward pass of each iteration, before the optimizer step."""
+
+    def after_step(self) -> None:
+        """Called after each iteration."""
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The hook's state to save in checkpoints; empty (not saved) by default."""
+        return {}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restores the state that :meth:`state_dict` returned."""
+
+
+class TrainerBase:
+    """The loop: runs iterations and calls the registered hooks around them.
+
+    Attributes:
+        iter: the current iteration. Inside a step it equals ``storage.iter``. After training ends normally it
+            equals ``max_iter`` (already when ``after_train`` runs), so a hook can tell success from failure.
+        start_iter: the iteration training started (or resumed) at.
+        max_iter: the iteration training ends at (exclusive).
+        storage: the :class:`EventStorage` of the run, open during :meth:`train`.
+    """
+
+    def __init__(self) -> None:
+        self._hooks: List[HookBase] = []
+        self._dispatch: Dict[str, List[Callable[[], None]]] = {p: [] for p in _HOOK_POINTS}
+        self.iter: int = 0
+        self.start_iter: int = 0
+        self.max_iter: int = 0
+        self.storage: EventStorage
+
+    def register_hooks(self, hooks: Iterable[Optional[HookBase]]) -> None:
+        """Appends hooks; ``None`` entries are skipped. Hooks run in registration order.
+
+        Each hook gets ``hook.trainer = weakref.proxy(self)``, so hooks do not keep the trainer alive.
+        """
+        hooks = [h for h in hooks if h is not None]
+        for h in hooks:
+            if not isinstance(h, HookBase):
+                raise TypeError(f"register_hooks() takes HookBase instances, got {type(h).__name__}: {h!r}")
+            h.trainer = weakref.proxy(self)
+        self._hooks.extend(hooks)
+        # Call only the methods a hook overrides: an empty hook point then costs nothing per step.
+        for point in _HOOK_POINTS:
+            self._dispatch[point] = [
+                getattr(h, point) for h in self._hooks if getattr(type(h), point) is not getattr(HookBase, point)
+            ]
+
+    def train(self, start_iter: int, max_iter: int) -> None:
+        """Runs iterations ``start_iter .. max_iter - 1``.
+
+        ``after_train`` runs even when a step or a hook raises; the exception then propagates.
+        """
+        logger.info("Starting training from iteration %d", start_iter)
+        self.iter = self.start_iter = start_iter
+        self.max_iter = max_iter
+        with EventStorage(start_iter) as self.storage:
+            try:
+                self.before_train()
+                for self.iter in range(start_iter, max_iter):
+                    self.before_step()
+                    self.run_step()
+                    self.after_step()
+                self.iter = max_iter
+            except Exception:
+                logger.exception("Exception during training at iteration %d:", self.iter)
+                raise
+            finally:
+                self.after_train()
+
+    def before_train(self) -> None:
+        for fn in self._dispatch["before_train"]:
+            fn()
+
+    def after_train(self) -> None:
+        self.storage.iter = self.iter
+        for fn in self._dispatch["after_train"]:
+            fn()
+
+    def before_step(self) -> None:
+        # Values put during this step belong to this iteration.
+        self.storage.iter = self.iter
+        for fn in self._dispatch["before_step"]:
+            fn()
+
+    def after_backward(self) -> None:
+        for fn in self._dispatch["after_backward"]:
+            fn()
+
+    def after_step(self) -> None:
+        for fn in self._dispatch["after_step"]:
+            fn()
+
+    def run_step(self) -> None:
+        """One iteration of training. Subclasses implement it."""
+        raise NotImplementedError
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The iteration and the state of every hook that has one (keyed by the hook's qualified class name)."""
+        ret: Dict[str, Any] = {"iteration": self.iter}
+        hooks_state = {}
+        for h in self._hooks:
+            sd = h.state_dict()
+            if sd:
+                name = type(h).__qualname__
+                if name in hooks_state:
+                    logger.warning("Two hooks of class %s have state; only the first one's is saved.", name)
+                    continue
+                hooks_state[name] = sd
+        if hooks_state:
+            ret["hooks"] = hooks_state
+        return ret
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restores the iteration and the hooks' states saved by :meth:`state_dict`."""
+        self.iter = state_dict["iteration"]
+        for key, value in state_dict.get("hooks", {}).items():
+            for h in self._hooks:
+                if type(h).__qualname__ == key:
+                    h.load_state_dict(value)
+                    break
+            else:
+                logger.warning("Cannot find a hook for state %r in the checkpoint; its state is not loaded.", key)
+
+
+def _sum_losses(loss_dict: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    values = iter(loss_dict.values())
+    total = next(values)
+    for v in values:
+        total = total + v
+    return total
+
+
+class SimpleTrainer(TrainerBase):
+    """The training step for the common case: one model that returns losses, one optimizer, one data source.
+
+    One step: fetch data (timed as ``data_time``), forward to a dict of losses (a single tensor counts as
+    ``{"total_loss": t}``), sum, zero_grad, backward, ``after_backward`` hooks, optimizer step.
+
+    Metrics without host syncs: the step keeps each iteration's losses as device tensors. Every
+    ``gather_metric_period`` iterations (and at the last iteration) :meth:`flush_metrics` stacks the pending
+    ones, averages them across processes in one collective, moves them to the host in one transfer and puts
+    every iteration's values into the storage. A non-finite total loss raises ``FloatingPointError`` naming
+    the first bad iteration, at the latest at that gather (before the optimizer step of that iteration).
+    ``gather_metric_period=1`` checks and writes every step, like detectron2.
+
+    Args:
+        model: returns a dict of scalar loss tensors (or one tensor) from ``model(batch)`` in training mode.
+        data_loader: an iterable of batches; iterated without end (wrap a finite one yourself).
+        optimizer: a torch optimizer.
+        gather_metric_period: iterations between two metric gathers (default 20).
+        zero_grad_before_forward: call ``optimizer.zero_grad()`` before the forward instead of after it.
+        async_write_metrics: move the gathered metrics to the host in a background thread; they reach the
+            storage one gather later (and at the end of training).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data_loader: Iterable,
+        optimizer: torch.optim.Optimizer,
+        gather_metric_period: int = 20,
+        zero_grad_before_forward: bool = False,
+        async_write_metrics: bool = False,
+    ) -> None:
+        super().__init__()
+        if gather_metric_period < 1:
+            raise ValueError(f"gather_metric_period must be >= 1, got {gather_metric_period}")
+        model.train()
+        self.model = model
+        self.data_loader = data_loader
+        self._data_loader_iter_obj: Optional[Any] = None
+        self.optimizer = optimizer
+        self.gather_metric_period = gather_metric_period
+        self.zero_grad_before_forward = zero_grad_before_forward
+        self.async_write_metrics = async_write_metrics
+        # Pending metrics: names, then one row of detached tensors and one data_time per iteration.
+        self._pending_keys: Sequence[str] = ()
+        self._pending_names: Sequence[str] = ()
+        self._pending_iters: List[int] = []
+        self._pending_rows: List[List[torch.Tensor]] = []
+        self._pending_data_time: List[float] = []
+        self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._inflight: Optional[Any] = None  # (future, names, iters) of an async gather
+
+    # ---- the step ------------------------------------------------------------------------------------------
+    def run_step(self) -> None:
+        """One iteration: data, forward, backward, ``after_backward`` hooks, metrics, optimizer step."""
+        if not self.model.training:
+            raise RuntimeError("SimpleTrainer.run_step: the model was switched to eval mode; call model.train().")
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+
+        if self.zero_grad_before_forward:
+            self.optimizer.zero_grad()
+        with self.autocast():
+            loss_dict = self.model(data)
+        if isinstance(loss_dict, torch.Tensor):
+            loss_dict = {"total_loss": loss_dict}
+        losses = _sum_losses(loss_dict)
+        if not self.zero_grad_before_forward:
+            self.optimizer.zero_grad()
+        self.backward(losses)
+        self.after_backward()
+
+        self._record_metrics(loss_dict, losses, data_time)
+        self.optimizer_step()
+
+    def autocast(self) -> Any:
+        """The context the forward runs in: none here; :class:`AMPTrainer` autocasts."""
+        return nullcontext()
+
+    def backward(self, losses: torch.Tensor) -> None:
+        """The backward pass (a scaled one in :class:`AMPTrainer`)."""
+        losses.backward()
+
+    def optimizer_step(self) -> None:
+        """The optimizer step (through the grad scaler in :class:`AMPTrainer`)."""
+        self.optimizer.step()
+
+    @property
+    def _data_loader_iter(self) -> Any:
+        # Created on first use, so that a resumed run can reposition the loader before iteration starts.
+        if self._data_loader_iter_obj is None:
+            self._data_loader_iter_obj = iter(self.data_loader)
+        return self._data_loader_iter_obj
+
+    def reset_data_loader(self, data_loader_builder: Callable[[], Iterable]) -> None:
+        """Replaces the data loader with ``data_loader_builder()``; iteration restarts from its beginning."""
+        del self.data_loader
+        self._data_loader_iter_obj = None
+        self.data_loader = data_loader_builder()
+
+    # ---- metrics -------------------------------------------------------------------------------------------
+    def _record_metrics(self, loss_dict: Mapping[str, torch.Tensor], losses: torch.Tensor, data_time: float) -> None:
+        keys = tuple(loss_dict)
+        if self._pending_rows and keys != self._pending_keys:
+            self.flush_metrics()  # the model returned other losses than before: write what we have first
+        if not self._pending_rows:
+            self._pending_keys = keys
+            self._pending_names = keys if len(keys) == 1 else keys + ("total_loss",)
+        row = [v.detach() for v in loss_dict.values()]
+        if len(loss_dict) > 1:
+            row.append(losses.detach())
+        self._pending_rows.append(row)
+        self._pending_iters.append(self.iter)
+        self._pending_data_time.append(data_time)
+        if (self.iter + 1) % self.gather_metric_period == 0 or self.iter == self.max_iter - 1:
+            self.flush_metrics()
+
+    def flush_metrics(self, reduce: bool = True) -> None:
+        """Moves the pending per-iteration metrics into the storage now.
+
+        With several processes this is a collective (every rank must call it at the same iteration); hooks
+        that need up-to-date metrics, such as a checkpointer, call it. Raises ``FloatingPointError`` when a
+        total loss is not finite, naming the first such iteration.
+
+        Args:
+            reduce: average across processes. Only ``after_train`` passes False, when training failed and the
+                other ranks may not be there to meet.
+        """
+        if self._pending_rows:
+            names, iters = self._pending_names, self._pending_iters
+            values = self._gather_on_device(reduce)
+            self._pending_iters = []
+            self._pending_rows, self._pending_data_time = [], []
+            previous, self._inflight = self._inflight, None
+            if previous is not None:
+                self._put_metrics(previous[0].result(), *previous[1:])
+            if self.async_write_metrics and self.iter < self.max_iter - 1:
+                if self._executor is None:
+                    self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="trainkit-metrics")
+                self._inflight = (self._executor.submit(values.tolist), names, iters)
+            else:
+                self._put_metrics(values.tolist(), names, iters)
+        elif self._inflight is not None:
+            future, names, iters = self._inflight
+            self._inflight = None
+            self._put_metrics(future.result(), names, iters)
+
+    def _gather_on_device(self, reduce: bool) -> torch.Tensor:
+        # One (iterations x metrics+1) float32 tensor; the last column is data_time. Reduced across ranks:
+        # losses averaged, data_time the maximum (the slowest rank is what everyone waits for).
+        flat = [t for row in self._pending_rows for t in row]
+        try:
+            losses = torch.stack(flat)  # promotes mixed float dtypes
+        except RuntimeError:  # losses on several devices
+            losses = torch.stack([t.to(flat[0].device, torch.float32) for t in flat])
+        data_time = torch.tensor(self._pending_data_time, dtype=torch.float32, device=losses.device)
+        values = torch.cat([losses.float().view(len(self._pending_rows), -1), data_time.view(-1, 1)], dim=1)
+        world_size = comm.get_world_size()
+        if reduce and world_size > 1:
+            gathered = [torch.empty_like(values) for _ in range(world_size)]
+            torch.distributed.all_gather(gathered, values)
+            stacked = torch.stack(gathered)
+            values = torch.cat([stacked[:, :, :-1].mean(dim=0), stacked[:, :, -1:].amax(dim=0)], dim=1)
+        return values
+
+    def _put_metrics(self, rows: List[List[float]], names: Sequence[str], iters: List[int]) -> None:
+        total_idx = names.index("total_loss") if "total_loss" in names else 0
+        for i, (it, row) in enumerate(zip(iters, rows)):
+            if not math.isfinite(row[total_idx]):
+                rows = rows[:i]  # what came before the bad iteration still reaches the storage
+                self._put_series(rows, names, iters)
+                raise FloatingPointError(
+                    f"Loss became infinite or NaN at iteration={it}!\n"
+                    f"loss_dict = {dict(zip(names, row[:-1]))}\n"
+                    "Checkpoints written before this iteration are untouched."
+                )
+        self._put_series(rows, names, iters)
+
+    def _put_series(self, rows: List[List[float]], names: Sequence[str], iters: List[int]) -> None:
+        if not rows:
+            return
+        storage = get_event_storage()
+        columns = list(zip(*rows))
+        iters = iters[: len(rows)]
+        for name, column in zip(names, columns):
+            storage.put_scalar_series(name, column, iters)
+        if "total_loss" not in names:
+            storage.put_scalar_series("total_loss", columns[0], iters)
+        storage.put_scalar_series("data_time", columns[-1], iters)
+
+    def after_train(self) -> None:
+        # Failed runs write what they have from this rank alone: other ranks may never reach a collective.
+        try:
+            self.flush_metrics(reduce=self.iter == self.max_iter)
+        except FloatingPointError:
+            if self.iter == self.max_iter:
+                raise
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+        super().after_train()
+
+    # ---- state ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """The loop's state and the optimizer's."""
+        ret = super().state_dict()
+        ret["optimizer"] = self.optimizer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+
+
+def _device_type(model: nn.Module) -> str:
+    for p in model.parameters():
+        return p.device.type
+    return "cpu"
+
+
+class AMPTrainer(SimpleTrainer):
+    """:class:`SimpleTrainer` with automatic mixed precision.
+
+    The step is the same; only the autocast context, the backward and the optimizer step differ. float16 uses
+    a ``torch.amp.GradScaler`` (its state is saved with the trainer's); bfloat16 needs none and works on CPU.
+
+    Args:
+        grad_scaler: the scaler for float16; one is created when None. Ignored (must be None) for bfloat16.
+        precision: ``torch.float16`` or ``torch.bfloat16``.
+        log_grad_scaler: put the scaler's scale into the storage as ``[metric]grad_scaler`` each step
+            (as a tensor: no host sync).
+        Other arguments: as in :class:`SimpleTrainer`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data_loader: Iterable,
+        optimizer: torch.optim.Optimizer,
+        gather_metric_period: int = 20,
+        zero_grad_before_forward: bool = False,
+        grad_scaler: Optional[torch.amp.GradScaler] = None,
+        precision: torch.dtype = torch.float16,
+        log_grad_scaler: bool = False,
+        async_write_metrics: bool = False,
+    ) -> None:
+        super().__init__(model, data_loader, optimizer, gather_metric_period, zero_grad_before_forward, async_write_metrics)
+        if precision not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"AMPTrainer precision must be torch.float16 or torch.bfloat16, got {precision}")
+        self.device_type = _device_type(model)
+        if precision == torch.float16 and grad_scaler is None:
+            grad_scaler = torch.amp.GradScaler(self.device_type)
+        self.grad_scaler = grad_scaler
+        self.precision = precision
+        self.log_grad_scaler = log_grad_scaler
+
+    def autocast(self) -> Any:
+        return torch.autocast(device_type=self.device_type, dtype=self.precision)
+
+    def backward(self, losses: torch.Tensor) -> None:
+        if self.grad_scaler is None:
+            losses.backward()
+        else:
+            self.grad_scaler.scale(losses).backward()
+
+    def optimizer_step(self) -> None:
+        if self.grad_scaler is None:
+            self.optimizer.step()
+            return
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
+        if self.log_grad_scaler:
+            self.storage.put_scalar("[metric]grad_scaler", self.grad_scaler._get_scale_async())
+
+    def state_dict(self) -> Dict[str, Any]:
+        ret = super().state_dict()
+        if self.grad_scaler is not None:
+            ret["grad_scaler"] = self.grad_scaler.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if self.grad_scaler is not None and "grad_scaler" in state_dict:
+            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])

@@ -1,0 +1,489 @@
+"""EventStorage, the one channel for metrics, and the writers that write it out.
+
+Models, trainers and hooks ``put_*`` values into the current :class:`EventStorage`; :class:`EventWriter` s read
+it periodically and write JSON lines, TensorBoard events or console lines. Nobody reaches into anybody else.
+
+Two properties matter for speed and for long runs:
+
+* A scalar put as a tensor stays a tensor (on its device) until something reads the storage; all pending
+  tensors then move to the host together, one transfer per device. Putting never forces a host sync.
+* History is bounded: each name keeps its last ``max_length`` values (plus an exact running sum for
+  ``global_avg``), so memory does not grow with the number of iterations.
+"""
+import datetime
+import json
+import logging
+import os
+import statistics
+import time
+from collections import defaultdict, deque
+from contextlib import contextmanager
+from itertools import islice
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+__all__ = [
+    "HistoryBuffer",
+    "EventStorage",
+    "get_event_storage",
+    "has_event_storage",
+    "EventWriter",
+    "JSONWriter",
+    "TensorboardXWriter",
+    "CommonMetricPrinter",
+]
+
+logger = logging.getLogger(__name__)
+
+_CURRENT_STORAGE_STACK: List["EventStorage"] = []
+
+Scalar = Union[float, int, torch.Tensor]
+
+
+class HistoryBuffer:
+    """The bounded history of one scalar, with fvcore ``HistoryBuffer``'s methods.
+
+    Keeps the last ``max_length`` ``(value, iteration)`` pairs; ``global_avg`` covers every value ever put
+    (it is the running sum divided by the count, not an average of the kept window).
+    """
+
+    def __init__(self, max_length: int = 1000) -> None:
+        self._max_length = max_length
+        self._data: deque = deque(maxlen=max_length)
+        self._count = 0
+        self._global_sum = 0.0
+
+    def update(self, value: float, iteration: Optional[float] = None) -> None:
+        """Appends ``value``; ``iteration`` defaults to the number of values put so far."""
+        if iteration is None:
+            iteration = self._count
+        self._data.append((value, iteration))
+        self._count += 1
+        self._global_sum += value
+
+    def latest(self) -> float:
+        """The newest value."""
+        return self._data[-1][0]
+
+    def values_tail(self) -> Tuple[float, float]:
+        """The newest ``(value, iteration)`` pair."""
+        return self._data[-1]
+
+    def _window(self, window_size: int) -> List[float]:
+        return [v for v, _ in islice(reversed(self._data), window_size)]
+
+    # statistics' pure-Python median and mean are several times faster than numpy's on these short lists.
+    def median(self, window_size: int) -> float:
+        """Median of the last ``window_size`` values."""
+        return float(statistics.median(self._window(window_size)))
+
+    def avg(self, window_size: int) -> float:
+        """Mean of the last ``window_size`` values."""
+        window = self._window(window_size)
+        return sum(window) / len(window)
+
+    def global_avg(self) -> float:
+        """Mean of every value ever put, including those no longer kept."""
+        return self._global_sum / self._count
+
+    def global_count(self) -> int:
+        """How many values were ever put."""
+        return self._count
+
+    def values(self) -> List[Tuple[float, float]]:
+        """The kept ``(value, iteration)`` pairs, oldest first."""
+        return list(self._data)
+
+
+def get_event_storage() -> "EventStorage":
+    """Returns the current :class:`EventStorage` (the innermost ``with EventStorage(...)``).
+
+    Raises:
+        RuntimeError: when called outside any EventStorage context.
+    """
+    if not _CURRENT_STORAGE_STACK:
+        raise RuntimeError(
+            "get_event_storage() was called outside an EventStorage: there is no current storage. "
+            "Call it during training (the trainer opens one), or wrap your code in "
+            "`with EventStorage(start_iter):`."
+        )
+    return _CURRENT_STORAGE_STACK[-1]
+
+
+def has_event_storage() -> bool:
+    """True when an EventStorage is current."""
+    return bool(_CURRENT_STORAGE_STACK)
+
+
+class EventStorage:
+    """Per-iteration metrics, images and histograms of a training run.
+
+    Use it as a context manager: inside ``with EventStorage(start_iter) as storage:``,
+    :func:`get_event_storage` returns it.
+
+    Args:
+        start_iter: the iteration the storage starts at.
+        max_history: values kept per scalar name (older ones only count towards ``global_avg``).
+    """
+
+    # Pending tensor values are forced to the host at the latest when this many are waiting, so that a
+    # storage that nobody reads still has bounded memory.
+    MAX_PENDING = 10000
+
+    def __init__(self, start_iter: int = 0, max_history: int = 1000) -> None:
+        self._max_history = max_history
+        self._history: Dict[str, HistoryBuffer] = {}
+        self._smoothing_hints: Dict[str, bool] = {}
+        self._latest_scalars: Dict[str, Tuple[float, int]] = {}
+        self._pending: List[Tuple[str, Scalar, int]] = []
+        self._iter = start_iter
+        self.start_iter = start_iter
+        self._current_prefix = ""
+        self._vis_data: List[Tuple[str, torch.Tensor, int]] = []
+        self._histograms: List[Dict[str, Any]] = []
+
+    # ---- putting -------------------------------------------------------------------------------------------
+    def put_scalar(self, name: str, value: Scalar, smoothing_hint: bool = True, cur_iter: Optional[int] = None) -> None:
+        """Adds a scalar for the current (or the given) iteration.
+
+        Args:
+            name: the metric's name (prefixed by the current :meth:`name_scope`).
+            value: a Python number or a one-element tensor. A tensor is not moved to the host here.
+            smoothing_hint: whether writers should smooth this metric (median over a window) or write the raw
+                latest value. It must be the same every time a name is put.
+            cur_iter: the iteration the value belongs to; the storage's current iteration by default.
+        """
+        name = self._current_prefix + name
+        cur_iter = self._iter if cur_iter is None else int(cur_iter)
+        self._check_hint(name, smoothing_hint)
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ValueError(
+                    f"put_scalar({name!r}) needs a number or a one-element tensor, got a tensor of shape "
+                    f"{tuple(value.shape)}; reduce it first (e.g. .mean()) or use put_histogram."
+                )
+            self._pending.append((name, value.detach(), cur_iter))
+            if len(self._pending) >= self.MAX_PENDING:
+                self._materialize()
+        elif self._pending:
+            # Keep the order of puts: a number put after a pending tensor waits behind it.
+            self._pending.append((name, float(value), cur_iter))
+        else:
+            self._add(name, float(value), cur_iter)
+
+    def put_scalars(self, *, smoothing_hint: bool = True, cur_iter: Optional[int] = None, **kwargs: Scalar) -> None:
+        """Puts several scalars: ``storage.put_scalars(loss=0.5, accuracy=0.9)``."""
+        for k, v in kwargs.items():
+            self.put_scalar(k, v, smoothing_hint=smoothing_hint, cur_iter=cur_iter)
+
+    def put_scalar_series(
+        self, name: str, values: Sequence[float], iterations: Sequence[int], smoothing_hint: bool = True
+    ) -> None:
+        """Puts numbers of one scalar for several iterations at once (the trainer's batched metrics).
+
+        Same as ``put_scalar(name, v, smoothing_hint, cur_iter=i)`` for each pair in order, but cheaper.
+        """
+        if self._pending or not values:
+            for value, itr in zip(values, iterations):
+                self.put_scalar(name, value, smoothing_hint, cur_iter=itr)
+            return
+        name = self._current_prefix + name
+        self._check_hint(name, smoothing_hint)
+        buf = self._buffer(name)
+        for value, itr in zip(values, iterations):
+            buf.update(float(value), int(itr))
+        self._latest_scalars[name] = buf.values_tail()
+
+    def _check_hint(self, name: str, smoothing_hint: bool) -> None:
+        hint = self._smoothing_hints.setdefault(name, smoothing_hint)
+        if hint != smoothing_hint:
+            raise ValueError(
+                f"Scalar {name!r} was put with smoothing_hint={hint} before and smoothing_hint={smoothing_hint} "
+                "now; a name must always use the same hint."
+            )
+
+    def put_image(self, img_name: str, img_tensor: torch.Tensor) -> None:
+        """Adds an image (CHW; float in [0, 1] or uint8 in [0, 255]) for the TensorBoard writer."""
+        self._vis_data.append((self._current_prefix + img_name, img_tensor, self._iter))
+
+    def put_histogram(self, hist_name: str, hist_tensor: torch.Tensor, bins: int = 1000) -> None:
+        """Adds a histogram of the values of ``hist_tensor`` (computed now, on the host)."""
+        values = hist_tensor.detach().reshape(-1).float().cpu()
+        vmin, vmax = float(values.min()), float(values.max())
+        counts = torch.histc(values, bins=bins, min=vmin, max=vmax)
+        edges = torch.linspace(vmin, vmax, steps=bins + 1)
+        self._histograms.append(
+            dict(
+                tag=self._current_prefix + hist_name,
+                min=vmin,
+                max=vmax,
+                num=len(values),
+                sum=float(values.sum()),
+                sum_squares=float((values**2).sum()),
+                bucket_limits=edges[1:].tolist(),
+                bucket_counts=counts.tolist(),
+                global_step=self._iter,
+            )
+        )
+
+    def _buffer(self, name: str) -> HistoryBuffer:
+        buf = self._history.get(name)
+        if buf is None:
+            buf = self._history[name] = HistoryBuffer(self._max_history)
+        return buf
+
+    def _add(self, name: str, value: float, cur_iter: int) -> None:
+        self._buffer(name).update(value, cur_iter)
+        self._latest_scalars[name] = (value, cur_iter)
+
+    def _materialize(self) -> None:
+        # Moves every pending tensor to the host: one stack and one transfer per device.
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        by_device: Dict[torch.device, List[int]] = defaultdict(list)
+        for i, (_, v, _) in enumerate(pending):
+            if isinstance(v, torch.Tensor):
+                by_device[v.device].append(i)
+        host: Dict[int, float] = {}
+        for idx in by_device.values():
+            floats = torch.stack([pending[i][1].reshape(()).float() for i in idx]).tolist()
+            host.update(zip(idx, floats))
+        for i, (name, v, it) in enumerate(pending):
+            self._add(name, host[i] if i in host else v, it)
+
+    # ---- reading -------------------------------------------------------------------------------------------
+    def history(self, name: str) -> HistoryBuffer:
+        """The :class:`HistoryBuffer` of ``name``.
+
+        Raises:
+            KeyError: when nothing was put under ``name``.
+        """
+        self._materialize()
+        ret = self._history.get(name)
+        if ret is None:
+            raise KeyError(f"No history metric available for {name!r}; known: {sorted(self._history)}")
+        return ret
+
+    def histories(self) -> Dict[str, HistoryBuffer]:
+        """Every name's :class:`HistoryBuffer`."""
+        self._materialize()
+        return self._history
+
+    def latest(self) -> Dict[str, Tuple[float, int]]:
+        """``{name: (latest value, iteration it was put at)}``."""
+        self._materialize()
+        return self._latest_scalars
+
+    def latest_with_smoothing_hint(self, window_size: int = 20) -> Dict[str, Tuple[float, int]]:
+        """Like :meth:`latest`, but a metric with a smoothing hint gives its median over ``window_size``."""
+        self._materialize()
+        result = {}
+        for name, (v, itr) in self._latest_scalars.items():
+            if self._smoothing_hints[name]:
+                v = self._history[name].median(window_size)
+            result[name] = (v, itr)
+        return result
+
+    def smoothing_hints(self) -> Dict[str, bool]:
+        """``{name: smoothing_hint}`` for every scalar name."""
+        return self._smoothing_hints
+
+    # ---- iteration and scoping -----------------------------------------------------------------------------
+    def step(self) -> None:
+        """Advances the current iteration by one."""
+        self._iter += 1
+
+    @property
+    def iter(self) -> int:
+        """The current iteration; new values are put at it by default. The trainer sets it every step."""
+        return self._iter
+
+    @iter.setter
+    def iter(self, val: int) -> None:
+        self._iter = int(val)
+
+    @property
+    def iteration(self) -> int:
+        """Alias of :attr:`iter`, kept for detectron2 compatibility."""
+        return self._iter
+
+    @contextmanager
+    def name_scope(self, name: str) -> Iterator[None]:
+        """Prefixes names put inside the context with ``name/``."""
+        old_prefix = self._current_prefix
+        self._current_prefix = old_prefix + name.rstrip("/") + "/"
+        try:
+            yield
+        finally:
+            self._current_prefix = old_prefix
+
+    def clear_images(self) -> None:
+        """Drops the stored images (writers call it once they wrote them)."""
+        self._vis_data = []
+
+    def clear_histograms(self) -> None:
+        """Drops the stored histograms (writers call it once they wrote them)."""
+        self._histograms = []
+
+    def __enter__(self) -> "EventStorage":
+        _CURRENT_STORAGE_STACK.append(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        assert _CURRENT_STORAGE_STACK[-1] is self, "EventStorage contexts must be exited in LIFO order"
+        _CURRENT_STORAGE_STACK.pop()
+
+
+class EventWriter:
+    """Base class of the writers: ``write()`` reads the current storage and writes; ``close()`` releases."""
+
+    def write(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def _new_scalars_by_iter(storage: EventStorage, window_size: int, after: int) -> Dict[int, Dict[str, float]]:
+    # The (smoothed) latest scalars put at iterations later than `after`, grouped by iteration.
+    by_iter: Dict[int, Dict[str, float]] = defaultdict(dict)
+    for name, (value, itr) in storage.latest_with_smoothing_hint(window_size).items():
+        if itr > after:
+            by_iter[itr][name] = value
+    return dict(sorted(by_iter.items()))
+
+
+class JSONWriter(EventWriter):
+    """Appends one JSON object per line per iteration to ``json_file``, with an ``"iteration"`` key.
+
+    Each write adds the scalars put since the previous write, so an iteration never appears twice. Every
+    write is one ``write()`` call of whole lines followed by a flush, so a process killed at any moment
+    leaves whole lines in the file (the kernel has them; only a power cut could lose the newest ones).
+
+    Args:
+        json_file: path of the file; opened in append mode.
+        window_size: window of the median for metrics with a smoothing hint.
+    """
+
+    def __init__(self, json_file: str, window_size: int = 20) -> None:
+        self._path = json_file
+        self._file_handle = open(json_file, "a")
+        self._window_size = window_size
+        self._last_write = -1
+
+    def write(self) -> None:
+        new = _new_scalars_by_iter(get_event_storage(), self._window_size, self._last_write)
+        if not new:
+            return
+        lines = "".join(json.dumps({**scalars, "iteration": itr}, sort_keys=True) + "\n" for itr, scalars in new.items())
+        self._file_handle.write(lines)
+        self._file_handle.flush()
+        self._last_write = max(new)
+
+    def close(self) -> None:
+        self._file_handle.close()
+
+
+class TensorboardXWriter(EventWriter):
+    """Writes scalars, images and histograms to TensorBoard event files in ``log_dir``.
+
+    Args:
+        log_dir: the folder of the event files.
+        window_size: window of the median for metrics with a smoothing hint.
+        kwargs: passed to ``torch.utils.tensorboard.SummaryWriter``.
+    """
+
+    def __init__(self, log_dir: str, window_size: int = 20, **kwargs: Any) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # slow import: only when used
+
+        self._window_size = window_size
+        self._writer = SummaryWriter(log_dir, **kwargs)
+        self._last_write = -1
+
+    def write(self) -> None:
+        storage = get_event_storage()
+        new = _new_scalars_by_iter(storage, self._window_size, self._last_write)
+        for itr, scalars in new.items():
+            for name, value in scalars.items():
+                self._writer.add_scalar(name, value, itr)
+        if new:
+            self._last_write = max(new)
+        if storage._vis_data:
+            for img_name, img, step_num in storage._vis_data:
+                self._writer.add_image(img_name, img, step_num)
+            storage.clear_images()
+        if storage._histograms:
+            for params in storage._histograms:
+                self._writer.add_histogram_raw(**params)
+            storage.clear_histograms()
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class CommonMetricPrinter(EventWriter):
+    """Logs the common metrics of a training iteration to the console: ETA, iteration, each loss (smoothed),
+    time, data_time, lr, and max memory on CUDA.
+
+    Args:
+        max_iter: the iteration training ends at (for the ETA).
+        window_size: window of the medians and averages.
+    """
+
+    def __init__(self, max_iter: Optional[int], window_size: int = 20) -> None:
+        self._max_iter = max_iter
+        self._window_size = window_size
+        self._last_write: Optional[Tuple[int, float]] = None  # (iteration, wall time) of the previous write
+
+    def _eta(self, storage: EventStorage, iteration: int) -> Optional[str]:
+        if self._max_iter is None:
+            return None
+        remaining = self._max_iter - iteration - 1
+        hist = storage._history.get("time")
+        if hist is not None and hist.global_count() > 0:
+            seconds = hist.median(1000) * remaining
+            storage.put_scalar("eta_seconds", seconds, smoothing_hint=False)
+        elif self._last_write is not None and iteration > self._last_write[0]:
+            # No IterationTimer: estimate from the wall time between two writes.
+            per_iter = (time.perf_counter() - self._last_write[1]) / (iteration - self._last_write[0])
+            seconds = per_iter * remaining
+        else:
+            seconds = None
+        self._last_write = (iteration, time.perf_counter())
+        return None if seconds is None else str(datetime.timedelta(seconds=int(seconds)))
+
+    def write(self) -> None:
+        storage = get_event_storage()
+        iteration = storage.iter
+        if self._max_iter is not None and iteration >= self._max_iter:
+            return  # training already ended; after_train writes once more and has nothing new to say
+        histories = storage.histories()
+        w = self._window_size
+
+        def fmt(name: str, spec: str, how: str = "avg") -> str:
+            if name not in histories:
+                return ""
+            value = histories[name].avg(w) if how == "avg" else histories[name].global_avg()
+            return f"{name}: {value:{spec}}  "
+
+        eta = self._eta(storage, iteration)
+        losses = "  ".join(
+            f"{k}: {h.median(w):.4g}" for k, h in histories.items() if "loss" in k and storage.smoothing_hints()[k]
+        )
+        lr = f"lr: {histories['lr'].latest():.5g}  " if "lr" in histories else ""
+        mem = ""
+        if torch.cuda.is_available():
+            mem = f"max_mem: {torch.cuda.max_memory_allocated() / 1024 / 1024:.0f}M"
+        logger.info(
+            " %siter: %d  %s  %s%s%s%s",
+            f"eta: {eta}  " if eta else "",
+            iteration,
+            losses,
+            fmt("time", ".4f"),
+            fmt("data_time", ".4f"),
+            lr,
+            mem,
+        )
