@@ -3,7 +3,7 @@
 ``digits_train`` / ``digits_test``
     scikit-learn's bundled handwritten digits (``sklearn.datasets.load_digits``: 1,797 8x8 images, no
     download). Fixed split, in the file's order: the first 1,437 samples are ``digits_train``, the last 360
-    are ``digits_test`` (35 or so of each class; the file cycles through the classes).
+    are ``digits_test`` (33 to 37 of each class).
 ``synthetic_train`` / ``synthetic_test``
     10 Gaussian clusters in 64 dimensions (5,000 / 1,000 samples), from
     :func:`make_synthetic_classification` with seed 0. Shared centres, independent samples. For tests and
