@@ -1,0 +1,320 @@
+"""Checkpointer: save and restore a model and its training state; PeriodicCheckpointer: save every N iterations.
+
+The public names and signatures follow fvcore/detectron2 (``Checkpointer``, ``PeriodicCheckpointer``,
+``resume_or_load``, the ``last_checkpoint`` tag), but the save and load paths differ in two ways that matter:
+every file is written atomically (see :mod:`trainkit.checkpoint.serialization`), and every file is loaded with
+``torch.load(weights_only=True)``, so a checkpoint can never run code.
+"""
+import logging
+import os
+import re
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .model_loading import load_model_state_dict, unwrap_model
+from .serialization import (
+    CheckpointError,
+    atomic_save,
+    atomic_write_text,
+    check_weights_only_loadable,
+    load_checkpoint_file,
+    remove_stale_temp_files,
+)
+
+__all__ = ["Checkpointer", "PeriodicCheckpointer"]
+
+logger = logging.getLogger(__name__)
+
+_TAG_FILE = "last_checkpoint"
+
+
+class Checkpointer:
+    """Saves a model and any objects with ``state_dict()``/``load_state_dict()`` to ``{save_dir}/{name}.pth``.
+
+    A checkpoint file holds ``{"model": model.state_dict(), <name>: obj.state_dict() for each checkpointable,
+    **extra}``. The model is saved without the ``module.`` prefix of a DistributedDataParallel wrapper and
+    loads into a wrapped or a plain model alike.
+
+    Example::
+
+        checkpointer = Checkpointer(model, "output", optimizer=optimizer, scheduler=scheduler)
+        checkpointer.save("model_0000999", iteration=999)
+        start_iter = checkpointer.resume_or_load(cfg.MODEL.WEIGHTS).get("iteration", -1) + 1
+    """
+
+    def __init__(self, model: nn.Module, save_dir: str = "", *, save_to_disk: bool = True, **checkpointables: Any):
+        """
+        Args:
+            model: the model; may be wrapped in DistributedDataParallel/DataParallel.
+            save_dir: folder for checkpoint files and the ``last_checkpoint`` tag. Empty: never save.
+            save_to_disk: whether this process writes files. Pass ``comm.is_main_process()`` in distributed
+                runs, so that one process writes and every process can load.
+            **checkpointables: other objects to save and restore, by name (optimizer, scheduler, trainer, ...).
+        """
+        self.model = model
+        self.save_dir = os.fspath(save_dir)
+        self.save_to_disk = save_to_disk
+        self.checkpointables: Dict[str, Any] = {}
+        for key, obj in checkpointables.items():
+            self.add_checkpointable(key, obj)
+
+    def add_checkpointable(self, key: str, checkpointable: Any) -> None:
+        """Register one more object whose ``state_dict()`` is saved under ``key``."""
+        if key == "model" or key in self.checkpointables:
+            raise ValueError(f"Checkpointable name '{key}' is already used; pick another name.")
+        for method in ("state_dict", "load_state_dict"):
+            if not callable(getattr(checkpointable, method, None)):
+                raise TypeError(
+                    f"Checkpointable '{key}' ({type(checkpointable).__qualname__}) has no {method}() method; "
+                    "only objects with state_dict() and load_state_dict() can be checkpointed."
+                )
+        self.checkpointables[key] = checkpointable
+
+    # ----------------------------------------------------------------------------------------- saving
+
+    def save(self, name: str, **extra: Any) -> Optional[str]:
+        """Write ``{save_dir}/{name}.pth`` atomically and tag it as the last checkpoint.
+
+        Does nothing when ``save_to_disk`` is false or ``save_dir`` is empty.
+
+        Args:
+            name: file name without the ``.pth`` extension, e.g. ``"model_0000999"``.
+            **extra: more data to store, e.g. ``iteration=999``; tensors and plain Python data only.
+
+        Returns:
+            The path written, or None when nothing was written.
+
+        Raises:
+            TypeError: something in the checkpoint would not load with ``weights_only=True``; nothing was
+                written, so the previous checkpoint and tag stay as they were.
+        """
+        if not self.save_dir or not self.save_to_disk:
+            return None
+        if not name or os.path.basename(name) != name:
+            raise ValueError(f"Checkpoint name must be a plain file name without folders, got '{name}'.")
+        taken = sorted(set(extra) & ({"model"} | set(self.checkpointables)))
+        if taken:
+            raise ValueError(f"Extra data names {taken} clash with the model/checkpointable entries; rename them.")
+        data = {"model": unwrap_model(self.model).state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(extra)
+        basename = f"{name}.pth"
+        check_weights_only_loadable(data, name=basename)
+        os.makedirs(self.save_dir, exist_ok=True)
+        remove_stale_temp_files(self.save_dir)
+        path = os.path.join(self.save_dir, basename)
+        logger.info("Saving checkpoint to %s", path)
+        atomic_save(data, path)
+        self.tag_last_checkpoint(basename)
+        return path
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        """Atomically point ``{save_dir}/last_checkpoint`` at ``last_filename_basename``."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        atomic_write_text(os.path.join(self.save_dir, _TAG_FILE), last_filename_basename)
+
+    # ---------------------------------------------------------------------------------------- finding
+
+    def get_checkpoint_file(self) -> str:
+        """The path the ``last_checkpoint`` tag names, or ``""`` if there is no tag."""
+        if not self.save_dir:
+            return ""
+        try:
+            with open(os.path.join(self.save_dir, _TAG_FILE), encoding="utf-8") as f:
+                last = f.read().strip()
+        except FileNotFoundError:
+            return ""
+        return os.path.join(self.save_dir, last) if last else ""
+
+    def has_checkpoint(self) -> bool:
+        """Whether ``save_dir`` has a ``last_checkpoint`` tag (the file it names may still be missing)."""
+        return bool(self.get_checkpoint_file())
+
+    def get_all_checkpoint_files(self) -> List[str]:
+        """All ``.pth`` files in ``save_dir``, sorted by name (temporary files of unfinished saves excluded)."""
+        if not self.save_dir or not os.path.isdir(self.save_dir):
+            return []
+        paths = (os.path.join(self.save_dir, name) for name in os.listdir(self.save_dir))
+        return sorted(
+            path
+            for path in paths
+            if path.endswith(".pth") and not os.path.basename(path).startswith(".") and os.path.isfile(path)
+        )
+
+    # ---------------------------------------------------------------------------------------- loading
+
+    def load(self, path: str, checkpointables: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+        """Restore the model and the named checkpointables from ``path``.
+
+        The model loads non-strictly: tensors whose shape differs are skipped, and missing or unexpected keys
+        are logged. A file without a ``"model"`` entry whose values are all tensors (``torch.save(
+        model.state_dict())``) loads as model weights.
+
+        Args:
+            path: checkpoint file. Empty: log a warning, load nothing and return ``{}``.
+            checkpointables: names of the checkpointables to restore; None restores all of them, ``[]`` only
+                the model. A name the file lacks is skipped with a warning.
+
+        Returns:
+            The file's extra data (e.g. ``{"iteration": 999}``): everything except the model and the
+            registered checkpointables' entries, whether restored or not.
+
+        Raises:
+            FileNotFoundError: ``path`` does not exist.
+            UnsafeCheckpointError: the file would run code when loaded; it was refused.
+            CheckpointError: the file is not a valid checkpoint, or a checkpointable rejected its state.
+        """
+        if not path:
+            logger.warning("No checkpoint file given: the model keeps its initial weights.")
+            return {}
+        names = self._checked_names(checkpointables)
+        logger.info("Loading checkpoint from %s", path)
+        data = _with_model_entry(load_checkpoint_file(path), path)
+        load_model_state_dict(self.model, data.pop("model"), source=path)
+        loaded = ["model"]
+        for key in names:
+            if key not in data:
+                logger.warning("%s has no '%s' entry: %s keeps its current state.", path, key, key)
+                continue
+            try:
+                self.checkpointables[key].load_state_dict(data.pop(key))
+            except (ValueError, KeyError, TypeError, RuntimeError) as e:
+                raise CheckpointError(f"Could not restore '{key}' from '{path}': {e}") from e
+            loaded.append(key)
+        for key in self.checkpointables:
+            data.pop(key, None)
+        logger.info("Restored %s from %s (extra data: %s)", ", ".join(loaded), path, sorted(data) or "none")
+        return data
+
+    def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
+        """Resume from the last checkpoint in ``save_dir`` if asked and present, else load weights from ``path``.
+
+        Resuming restores everything (model and all checkpointables). Loading ``path`` (typically
+        ``cfg.MODEL.WEIGHTS``) restores only the model; its extra data is returned too, but a caller should
+        take the start iteration from it only when it resumed (``resume and has_checkpoint()``).
+
+        Args:
+            path: weights to start from when not resuming; may be empty (start from scratch).
+            resume: whether to look for a ``last_checkpoint`` tag in ``save_dir``.
+
+        Returns:
+            The loaded file's extra data, see :meth:`load`.
+
+        Raises:
+            FileNotFoundError: resuming, but the file the tag names is missing. Nothing is silently restarted.
+        """
+        if resume and self.has_checkpoint():
+            last = self.get_checkpoint_file()
+            if not os.path.isfile(last):
+                raise FileNotFoundError(
+                    f"Cannot resume: {os.path.join(self.save_dir, _TAG_FILE)} names '{last}', which does not "
+                    "exist. Restore that file, point the tag at another checkpoint in the folder, or delete "
+                    "the tag (or pass resume=False) to start from the given weights instead."
+                )
+            return self.load(last)
+        return self.load(path, checkpointables=[])
+
+    def _checked_names(self, checkpointables: Optional[Sequence[str]]) -> List[str]:
+        if checkpointables is None:
+            return list(self.checkpointables)
+        unknown = [key for key in checkpointables if key not in self.checkpointables]
+        if unknown:
+            raise KeyError(
+                f"Unknown checkpointable name(s) {unknown}; registered: {sorted(self.checkpointables)}."
+            )
+        return list(checkpointables)
+
+
+def _with_model_entry(data: Dict[str, Any], path: str) -> Dict[str, Any]:
+    """``data`` with its model weights under ``"model"``; a plain state_dict file becomes ``{"model": data}``."""
+    if "model" in data:
+        if not isinstance(data["model"], dict):
+            raise CheckpointError(
+                f"'{path}' is not a valid checkpoint: its 'model' entry is a {type(data['model']).__qualname__}, "
+                "expected a state_dict (a dict of tensors)."
+            )
+        return data
+    if data and all(isinstance(value, torch.Tensor) for value in data.values()):
+        return {"model": data}
+    raise CheckpointError(
+        f"'{path}' is not a valid checkpoint: it has no 'model' entry and is not a plain state_dict of tensors "
+        f"(its keys: {sorted(map(str, data))[:10]}). Extract the model weights into a state_dict file first."
+    )
+
+
+class PeriodicCheckpointer:
+    """Saves a checkpoint every ``period`` iterations and a final one, keeping at most ``max_to_keep``.
+
+    Not a hook: call :meth:`step` after each iteration (``trainkit.engine.hooks.PeriodicCheckpointer`` does it
+    for a trainer). Iterations are 0-based: ``step(i)`` saves ``{file_prefix}_{i:07d}`` when ``(i + 1) %
+    period == 0`` and ``{file_prefix}_final`` when ``i >= max_iter - 1``.
+    """
+
+    def __init__(
+        self,
+        checkpointer: Checkpointer,
+        period: int,
+        max_iter: Optional[int] = None,
+        max_to_keep: Optional[int] = None,
+        file_prefix: str = "model",
+    ):
+        """
+        Args:
+            checkpointer: does the saving.
+            period: save every ``period`` iterations.
+            max_iter: total iterations; the step at ``max_iter - 1`` also saves ``{file_prefix}_final``.
+            max_to_keep: keep the newest (highest-iteration) N periodic files of this prefix, counting those
+                already in the folder from before a resume. Never deletes another prefix's files, the
+                ``_final`` file, or the file the ``last_checkpoint`` tag names. None keeps everything.
+            file_prefix: file name prefix.
+        """
+        if int(period) < 1:
+            raise ValueError(f"period must be a positive number of iterations, got {period}.")
+        if max_to_keep is not None and int(max_to_keep) < 1:
+            raise ValueError(f"max_to_keep must be None (keep all) or at least 1, got {max_to_keep}.")
+        self.checkpointer = checkpointer
+        self.period = int(period)
+        self.max_iter = max_iter
+        self.max_to_keep = max_to_keep
+        self.file_prefix = file_prefix
+        self._periodic_name = re.compile(rf"{re.escape(file_prefix)}_(\d{{7,}})\.pth")
+
+    def step(self, iteration: int, **kwargs: Any) -> None:
+        """Save if ``iteration`` is due; ``kwargs`` and ``iteration`` are stored as extra data."""
+        iteration = int(iteration)
+        if "iteration" in kwargs:
+            raise ValueError("step() stores 'iteration' itself; do not pass it in kwargs.")
+        extra = {"iteration": iteration, **kwargs}
+        if (iteration + 1) % self.period == 0:
+            self.checkpointer.save(f"{self.file_prefix}_{iteration:07d}", **extra)
+            if self.max_to_keep is not None:
+                self._delete_old_checkpoints()
+        if self.max_iter is not None and iteration >= self.max_iter - 1:
+            self.checkpointer.save(f"{self.file_prefix}_final", **extra)
+
+    def save(self, name: str, **kwargs: Any) -> Optional[str]:
+        """Same as ``checkpointer.save(name, **kwargs)``."""
+        return self.checkpointer.save(name, **kwargs)
+
+    def _delete_old_checkpoints(self) -> None:
+        if not self.checkpointer.save_to_disk:
+            return
+        periodic = []
+        for path in self.checkpointer.get_all_checkpoint_files():
+            match = self._periodic_name.fullmatch(os.path.basename(path))
+            if match:
+                periodic.append((int(match.group(1)), path))
+        periodic.sort()
+        tagged = self.checkpointer.get_checkpoint_file()
+        for _, path in periodic[: -self.max_to_keep]:
+            if tagged and os.path.abspath(path) == os.path.abspath(tagged):
+                continue
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                continue
+            logger.info("Deleted old checkpoint %s (max_to_keep=%d)", path, self.max_to_keep)
