@@ -163,14 +163,17 @@ class EventStorage:
                     f"put_scalar({name!r}) needs a number or a one-element tensor, got a tensor of shape "
                     f"{tuple(value.shape)}; reduce it first (e.g. .mean()) or use put_histogram."
                 )
-            self._pending.append((name, value.detach(), cur_iter))
-            if len(self._pending) >= self.MAX_PENDING:
-                self._materialize()
+            # A snapshot (a device-side copy, no sync): the caller may change the tensor in place later, as
+            # GradScaler.update() does to its scale.
+            self._pending.append((name, value.detach().clone(), cur_iter))
         elif self._pending:
             # Keep the order of puts: a number put after a pending tensor waits behind it.
             self._pending.append((name, float(value), cur_iter))
         else:
             self._add(name, float(value), cur_iter)
+            return
+        if len(self._pending) >= self.MAX_PENDING:
+            self._materialize()
 
     def put_scalars(self, *, smoothing_hint: bool = True, cur_iter: Optional[int] = None, **kwargs: Scalar) -> None:
         """Puts several scalars: ``storage.put_scalars(loss=0.5, accuracy=0.9)``."""
@@ -247,9 +250,12 @@ class EventStorage:
             if isinstance(v, torch.Tensor):
                 by_device[v.device].append(i)
         host: Dict[int, float] = {}
-        for idx in by_device.values():
-            floats = torch.stack([pending[i][1].reshape(()).float() for i in idx]).tolist()
-            host.update(zip(idx, floats))
+        for device, idx in by_device.items():
+            tensors = [pending[i][1].reshape(()) for i in idx]
+            # float64 keeps float64 values and integers up to 2**53 exact; float32 is exact for the rest.
+            wide = any(t.dtype == torch.float64 or not t.is_floating_point() for t in tensors)
+            dtype = torch.float64 if wide and device.type != "mps" else torch.float32  # MPS has no float64
+            host.update(zip(idx, torch.stack([t.to(dtype) for t in tensors]).tolist()))
         for i, (name, v, it) in enumerate(pending):
             self._add(name, host[i] if i in host else v, it)
 
