@@ -1,0 +1,402 @@
+import datetime
+import io
+import json
+import logging
+import random
+import re
+import time
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing import event_accumulator
+
+from tests.engine.test_train_loop import _TransferCounter
+from trainkit.utils.events import (
+    CommonMetricPrinter,
+    EventStorage,
+    JSONWriter,
+    TensorboardXWriter,
+    get_event_storage,
+    has_event_storage,
+)
+
+
+def _values(storage, name):
+    return [v for v, _ in storage.history(name).values()]
+
+
+# ---- the current storage -------------------------------------------------------------------------------------
+def test_get_event_storage_outside_a_storage_says_how_to_get_one():
+    assert not has_event_storage()
+    with pytest.raises(RuntimeError, match=r"outside an EventStorage.*with EventStorage\(start_iter\)"):
+        get_event_storage()
+
+
+def test_nested_storages_restore_the_outer_one_also_after_an_exception():
+    with EventStorage() as outer:
+        with pytest.raises(ZeroDivisionError):
+            with EventStorage(5) as inner:
+                assert get_event_storage() is inner
+                1 / 0
+        assert get_event_storage() is outer
+    assert not has_event_storage()
+
+
+# ---- lazy tensors ----------------------------------------------------------------------------------------------
+def test_put_scalar_of_a_tensor_does_not_move_it_to_the_host_until_read(monkeypatch):
+    with EventStorage(7) as storage:
+        counter = _TransferCounter(monkeypatch, storage)
+        for i in range(50):
+            storage.put_scalar("loss", torch.tensor(i / 4), cur_iter=i)
+        storage.put_scalar("acc", torch.tensor(0.75, dtype=torch.float16))
+        assert counter.iters == []
+        latest = storage.latest()
+        assert len(counter.iters) == 1  # one batched transfer for all of them
+    assert latest["loss"] == (12.25, 49) and type(latest["loss"][0]) is float
+    assert latest["acc"] == (0.75, 7) and type(latest["acc"][0]) is float
+    assert _values(storage, "loss") == [i / 4 for i in range(50)]
+
+
+def test_numbers_and_tensors_keep_their_put_order():
+    with EventStorage() as storage:
+        for i, v in enumerate([1.0, torch.tensor(2.0), 3, torch.tensor([4.0]), 5.0]):
+            storage.put_scalar("x", v, cur_iter=i)
+            storage.put_scalar("y", -i)
+        assert storage.history("x").values() == [(1.0, 0), (2.0, 1), (3.0, 2), (4.0, 3), (5.0, 4)]
+        assert _values(storage, "y") == [0.0, -1.0, -2.0, -3.0, -4.0]
+        assert storage.latest() == {"x": (5.0, 4), "y": (-4.0, 0)}
+
+
+def test_put_scalar_keeps_the_value_at_put_time_when_the_tensor_changes_in_place():
+    # GradScaler updates its scale tensor in place: AMPTrainer(log_grad_scaler=True) puts that very tensor.
+    param = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    with EventStorage() as storage:
+        for it in range(2):
+            storage.iter = it
+            scaler.scale((param * float("inf")).sum()).backward()  # inf gradients: the scaler halves its scale
+            storage.put_scalar("grad_scaler", scaler._get_scale_async())
+            scaler.step(optimizer)
+            scaler.update()
+        assert storage.history("grad_scaler").values() == [(8.0, 0), (4.0, 1)]
+
+
+def test_float64_and_integer_tensors_read_back_exactly():
+    with EventStorage() as storage:
+        storage.put_scalar("f64", torch.tensor(0.1, dtype=torch.float64))
+        storage.put_scalar("tokens", torch.tensor(100_000_001))
+        storage.put_scalar("bf16", torch.tensor(0.1, dtype=torch.bfloat16))
+        assert storage.latest() == {"f64": (0.1, 0), "tokens": (100_000_001.0, 0), "bf16": (0.10009765625, 0)}
+
+
+def test_put_scalar_rejects_a_tensor_of_several_elements():
+    with EventStorage() as storage:
+        with pytest.raises(ValueError, match=r"put_scalar\('w'\).*shape \(2, 3\).*\.mean\(\)"):
+            storage.put_scalar("w", torch.zeros(2, 3))
+        with pytest.raises(ValueError, match=r"shape \(0,\)"):
+            storage.put_scalar("w", torch.zeros(0))
+
+
+def test_max_pending_bounds_the_tensors_waiting_for_a_read(monkeypatch):
+    with EventStorage() as storage:
+        storage.MAX_PENDING = 5
+        counter = _TransferCounter(monkeypatch, storage)
+        for i in range(4):
+            storage.put_scalar("x", torch.tensor(float(i)))
+        assert counter.iters == []
+        storage.put_scalar("x", torch.tensor(4.0))
+        assert len(counter.iters) == 1  # the fifth pending tensor forced one batched transfer
+        for i in range(5, 14):
+            storage.put_scalar("x", torch.tensor(float(i)))
+        assert len(counter.iters) == 2
+        assert _values(storage, "x") == [float(i) for i in range(14)]
+
+
+def test_max_pending_also_counts_numbers_queued_behind_a_tensor(monkeypatch):
+    with EventStorage() as storage:
+        storage.MAX_PENDING = 5
+        counter = _TransferCounter(monkeypatch, storage)
+        storage.put_scalar("loss", torch.tensor(1.0))
+        for i in range(10):
+            storage.put_scalar("lr", 0.1 * i)  # queued behind the tensor to keep the order of puts
+        assert len(counter.iters) == 1
+
+
+# ---- bounded history -------------------------------------------------------------------------------------------
+def test_history_keeps_max_history_values_and_exact_statistics():
+    with EventStorage(max_history=4) as storage:
+        for i, v in enumerate([5, 1, 4, 2, 3, 10]):
+            storage.put_scalar("x", v, cur_iter=i)
+        h = storage.history("x")
+        assert h.values() == [(4.0, 2), (2.0, 3), (3.0, 4), (10.0, 5)]
+        assert h.global_count() == 6
+        assert h.global_avg() == 25 / 6
+        assert h.latest() == 10.0
+        assert h.avg(2) == 6.5 and h.avg(3) == 5.0
+        assert h.median(3) == 3.0 and h.median(4) == 3.5 and h.median(100) == 3.5
+
+
+def test_global_avg_is_the_mean_of_every_value_put_in_put_order():
+    rng = random.Random(0)
+    values = [rng.uniform(-1, 1) * 10 ** rng.randint(-3, 3) for _ in range(3000)]
+    with EventStorage(max_history=10) as storage:
+        for i, v in enumerate(values):
+            storage.put_scalar("x", torch.tensor(v, dtype=torch.float64) if i % 3 else v)
+        assert storage.history("x").global_avg() == sum(values) / len(values)
+        assert _values(storage, "x") == values[-10:]
+
+
+def _train_like_puts(storage, iterations):
+    # 10 scalars per iteration (tensors and numbers), read every 20 iterations as a writer would.
+    for _ in range(iterations):
+        for k in range(5):
+            storage.put_scalar(f"loss_{k}", torch.tensor(float(k)))
+        storage.put_scalars(time=0.1, data_time=0.01, lr=0.5, smoothing_hint=False)
+        storage.put_scalar_series("total_loss", [1.0], [storage.iter])
+        storage.put_scalar("eta_seconds", 3.0, smoothing_hint=False)
+        if storage.iter % 20 == 19:
+            storage.latest_with_smoothing_hint()
+        storage.step()
+
+
+def test_memory_does_not_grow_with_the_number_of_iterations():
+    with EventStorage() as storage:
+        _train_like_puts(storage, 2000)  # fills every history (max_history=1000)
+        tracemalloc.start()
+        try:
+            _train_like_puts(storage, 2000)
+            after_4k = tracemalloc.get_traced_memory()[0]
+            _train_like_puts(storage, 4000)
+            after_8k = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+    # Unbounded histories would grow by ~10 names x 4000 values x ~100 bytes = 4 MB.
+    assert after_8k - after_4k < 20_000, (after_4k, after_8k)
+    assert storage.history("lr").global_count() == 8000
+
+
+# ---- putting and reading -----------------------------------------------------------------------------------------
+def test_latest_with_smoothing_hint_gives_medians_of_hinted_and_latest_of_the_others():
+    with EventStorage() as storage:
+        for i, v in enumerate([9.0, 1.0, 2.0, 8.0]):
+            storage.put_scalar("loss", v, cur_iter=i)
+            storage.put_scalar("lr", v, smoothing_hint=False, cur_iter=i)
+        assert storage.latest_with_smoothing_hint(3) == {"loss": (2.0, 3), "lr": (8.0, 3)}
+        assert storage.latest_with_smoothing_hint(20) == {"loss": (5.0, 3), "lr": (8.0, 3)}
+        assert storage.latest() == {"loss": (8.0, 3), "lr": (8.0, 3)}
+        assert storage.smoothing_hints() == {"loss": True, "lr": False}
+
+
+def test_a_name_must_keep_its_smoothing_hint():
+    with EventStorage() as storage:
+        storage.put_scalar("lr", 0.1, smoothing_hint=False)
+        with pytest.raises(ValueError, match=r"'lr'.*smoothing_hint=False before and smoothing_hint=True now"):
+            storage.put_scalar("lr", 0.2)
+        with pytest.raises(ValueError, match="'lr'"):
+            storage.put_scalar_series("lr", [0.3], [1])
+        assert storage.history("lr").values() == [(0.1, 0)]
+
+
+def test_put_scalars_puts_each_keyword_at_the_given_iteration():
+    with EventStorage(3) as storage:
+        storage.put_scalars(a=1, b=torch.tensor(2.0), smoothing_hint=False, cur_iter=10)
+        storage.put_scalars(a=3, smoothing_hint=False)
+        assert storage.latest() == {"a": (3.0, 3), "b": (2.0, 10)}
+        assert storage.smoothing_hints() == {"a": False, "b": False}
+
+
+@pytest.mark.parametrize("tensor_pending", [False, True])
+def test_put_scalar_series_equals_put_scalar_one_by_one(tensor_pending):
+    values, iters = [3.0, 1.0, 4.0, 1.5, 9.0], [10, 11, 12, 13, 14]
+    storages = []
+    for by_series in (False, True):
+        with EventStorage(max_history=3) as storage:
+            if tensor_pending:
+                storage.put_scalar("other", torch.tensor(7.0))
+            with storage.name_scope("train"):
+                if by_series:
+                    storage.put_scalar_series("loss", values, iters)
+                else:
+                    for v, it in zip(values, iters):
+                        storage.put_scalar("loss", v, cur_iter=it)
+            storages.append(storage)
+    a, b = (s.history("train/loss") for s in storages)
+    assert a.values() == b.values() == [(4.0, 12), (1.5, 13), (9.0, 14)]
+    assert a.global_avg() == b.global_avg() == 18.5 / 5
+    assert storages[0].latest() == storages[1].latest()
+
+
+def test_name_scope_prefixes_nested_names_and_restores_after_an_exception():
+    with EventStorage() as storage:
+        with storage.name_scope("val"):
+            storage.put_scalar("acc", 0.5)
+            with pytest.raises(KeyError):
+                with storage.name_scope("top5/"):
+                    storage.put_scalar("acc", 0.9)
+                    raise KeyError("boom")
+            storage.put_scalar("loss", 1.0)
+        storage.put_scalar("lr", 0.1)
+        assert sorted(storage.latest()) == ["lr", "val/acc", "val/loss", "val/top5/acc"]
+
+
+def test_iter_setter_step_and_the_iteration_alias():
+    with EventStorage(start_iter=4) as storage:
+        assert storage.iter == storage.iteration == storage.start_iter == 4
+        storage.step()
+        storage.put_scalar("x", 1.0)
+        storage.iter = 10.0
+        assert storage.iter == 10 and type(storage.iter) is int
+        storage.put_scalar("y", 2.0)
+        assert storage.latest() == {"x": (1.0, 5), "y": (2.0, 10)}
+
+
+def test_history_of_an_unknown_name_lists_the_known_names():
+    with EventStorage() as storage:
+        storage.put_scalars(loss=1.0, lr=0.1)
+        with pytest.raises(KeyError, match=r"'los'.*\['loss', 'lr'\]"):
+            storage.history("los")
+
+
+# ---- JSONWriter ------------------------------------------------------------------------------------------------------
+def _read_json_lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_json_writer_writes_each_iteration_once_with_smoothed_and_raw_values(tmp_path):
+    path = tmp_path / "metrics.json"
+    with EventStorage() as storage:
+        writer = JSONWriter(str(path), window_size=4)
+        for it in range(10):
+            storage.put_scalar("loss", float(it * it), cur_iter=it)
+            storage.put_scalar("lr", 1.0 / (it + 1), smoothing_hint=False, cur_iter=it)
+        writer.write()
+        writer.write()  # nothing new
+        storage.put_scalar("val/acc", 0.5, smoothing_hint=False, cur_iter=14)
+        for it in range(10, 20):
+            storage.put_scalar("loss", float(it * it), cur_iter=it)
+        writer.write()
+        writer.write()
+        writer.close()
+    assert _read_json_lines(path) == [
+        {"iteration": 9, "loss": (49 + 64) / 2, "lr": 0.1},  # median of 36, 49, 64, 81
+        {"iteration": 14, "val/acc": 0.5},
+        {"iteration": 19, "loss": (17 * 17 + 18 * 18) / 2},
+    ]
+
+
+def test_json_writer_appends_to_an_existing_file(tmp_path):
+    path = tmp_path / "metrics.json"
+    path.write_text('{"iteration": 3, "loss": 2.0}\n')
+    with EventStorage(start_iter=4) as storage:
+        writer = JSONWriter(str(path))
+        storage.put_scalar("loss", torch.tensor(1.5))
+        writer.write()
+        writer.close()
+    assert _read_json_lines(path) == [{"iteration": 3, "loss": 2.0}, {"iteration": 4, "loss": 1.5}]
+
+
+# ---- TensorboardXWriter -----------------------------------------------------------------------------------------------
+def _load_tensorboard(log_dir):
+    guidance = {
+        event_accumulator.SCALARS: 0,
+        event_accumulator.IMAGES: 0,
+        event_accumulator.HISTOGRAMS: 0,
+        event_accumulator.COMPRESSED_HISTOGRAMS: 0,
+        event_accumulator.TENSORS: 0,
+        event_accumulator.AUDIO: 0,
+    }
+    acc = event_accumulator.EventAccumulator(str(log_dir), size_guidance=guidance)
+    acc.Reload()
+    return acc
+
+
+def test_tensorboard_writer_writes_scalars_at_their_iterations(tmp_path):
+    with EventStorage() as storage:
+        writer = TensorboardXWriter(str(tmp_path), window_size=2)
+        for it in range(6):
+            storage.put_scalar("loss", float(2 ** it), cur_iter=it)
+            storage.put_scalar("lr", 0.5 / (it + 1), smoothing_hint=False, cur_iter=it)
+            if it % 3 == 2:
+                writer.write()
+        writer.write()
+        writer.close()
+    acc = _load_tensorboard(tmp_path)
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(2, 3.0), (5, 24.0)]  # medians of 2 values
+    assert [(e.step, e.value) for e in acc.Scalars("lr")] == [(2, pytest.approx(0.5 / 3)), (5, pytest.approx(0.5 / 6))]
+
+
+def test_tensorboard_writer_writes_images_and_histograms_once(tmp_path):
+    image = (torch.arange(24, dtype=torch.uint8) * 10).reshape(3, 2, 4)
+    with EventStorage(start_iter=8) as storage:
+        writer = TensorboardXWriter(str(tmp_path))
+        storage.put_image("dropped", torch.zeros(3, 2, 2))
+        storage.put_histogram("dropped_hist", torch.ones(4))
+        storage.clear_images()
+        storage.clear_histograms()
+        with storage.name_scope("input"):
+            storage.put_image("sample", image)
+            storage.put_histogram("pixels", torch.tensor([[0.0, 1.0, 1.0], [2.0, 3.0, 0.5]]), bins=3)
+        writer.write()
+        storage.step()
+        writer.write()  # the images and histograms were written once and cleared
+        writer.close()
+    acc = _load_tensorboard(tmp_path)
+    tags = acc.Tags()
+    assert tags["images"] == ["input/sample"] and tags["histograms"] == ["input/pixels"]
+    [img] = acc.Images("input/sample")
+    assert (img.step, img.width, img.height) == (8, 4, 2)
+    pixels = np.asarray(Image.open(io.BytesIO(img.encoded_image_string)))
+    assert np.array_equal(pixels, image.permute(1, 2, 0).numpy())
+    [hist] = acc.Histograms("input/pixels")
+    h = hist.histogram_value
+    assert hist.step == 8
+    assert (h.min, h.max, h.num, h.sum, h.sum_squares) == (0.0, 3.0, 6, 7.5, 15.25)
+    assert list(h.bucket_limit) == [1.0, 2.0, 3.0] and list(h.bucket) == [2.0, 2.0, 2.0]
+
+
+# ---- CommonMetricPrinter ---------------------------------------------------------------------------------------------
+def _printed(caplog):
+    return [r.getMessage() for r in caplog.records if r.name == "trainkit.utils.events"]
+
+
+def test_common_metric_printer_logs_eta_iteration_losses_times_and_lr_in_one_line(caplog):
+    caplog.set_level(logging.INFO, logger="trainkit.utils.events")
+    with EventStorage() as storage:
+        for it in range(20):
+            storage.iter = it
+            storage.put_scalars(loss_cls=1.0 + it, loss_box=0.25)
+            storage.put_scalars(time=2.0, data_time=0.5 if it < 10 else 0.25)
+            storage.put_scalar("lr", 0.1 / (it + 1), smoothing_hint=False)
+        printer = CommonMetricPrinter(max_iter=100, window_size=5)
+        printer.write()
+        eta_seconds = storage.history("eta_seconds").latest()
+        storage.iter = 100
+        printer.write()  # training has ended: nothing new to print
+    [line] = _printed(caplog)
+    assert eta_seconds == 160.0  # (100 - 19 - 1) remaining iterations x 2.0 s
+    assert line.split() == (
+        "eta: 0:02:40 iter: 19 loss_cls: 18 loss_box: 0.25 time: 2.0000 data_time: 0.2500 lr: 0.005".split()
+    )
+
+
+def test_common_metric_printer_without_time_estimates_eta_from_wall_time(caplog):
+    caplog.set_level(logging.INFO, logger="trainkit.utils.events")
+    with EventStorage(start_iter=9) as storage:
+        printer = CommonMetricPrinter(max_iter=10_010)
+        storage.put_scalar("loss", 1.0)
+        printer.write()
+        time.sleep(0.2)
+        storage.iter = 19
+        storage.put_scalar("loss", 2.0)
+        printer.write()
+    first, second = _printed(caplog)
+    assert "eta" not in first and first.split()[:2] == ["iter:", "9"]
+    eta = re.match(r"eta: (\d+):(\d\d):(\d\d)  iter: 19  loss: 1\.5", second.strip())
+    assert eta, second
+    seconds = datetime.timedelta(hours=int(eta[1]), minutes=int(eta[2]), seconds=int(eta[3])).total_seconds()
+    # 0.2 s or more for 10 iterations, 9990 iterations to go
+    assert 199 <= seconds < 400
