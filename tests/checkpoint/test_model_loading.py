@@ -29,7 +29,9 @@ def test_shape_mismatch_is_skipped_with_a_warning_naming_key_and_both_shapes(cap
     assert "Skip loading 'head.weight' from ckpt.pth: shape (3, 8) in the checkpoint, (5, 8) in the model." in (
         caplog.text
     )
-    assert "Skip loading 'head.bias' from ckpt.pth: shape (3,) in the checkpoint, (5,) in the model." in caplog.text
+    assert "Skip loading 'head.bias' from ckpt.pth: shape (3,) in the checkpoint, (5,) in the model." in (
+        caplog.text
+    )
     assert result.shape_mismatches == {"head.weight": ((3, 8), (5, 8)), "head.bias": ((3,), (5,))}
     # Reported once, as mismatches, not again as missing keys.
     assert result.missing_keys == [] and result.unexpected_keys == []

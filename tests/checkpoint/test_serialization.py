@@ -1,5 +1,6 @@
 import collections
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -73,7 +74,7 @@ def test_remove_stale_temp_files_removes_only_our_temporary_files(tmp_path):
 # ------------------------------------------------------------------------------ weights_only check
 
 
-def test_weights_only_check_accepts_real_training_state():
+def test_weights_only_check_accepts_real_training_state_and_torch_loads_it(tmp_path):
     model = nn.Linear(3, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(torch.ones(1, 3)).sum().backward()
@@ -88,8 +89,17 @@ def test_weights_only_check_accepts_real_training_state():
         "rng": {"torch": torch.get_rng_state(), "python": (3, tuple(range(5)), None)},
         "misc": [1.5, "x", b"y", {1, 2}, torch.Size([2]), torch.float16, torch.device("cpu"), None, 1j],
         "counts": collections.OrderedDict(a=1),
+        "counter": collections.Counter("aab"),
     }
     check_weights_only_loadable(state)
+    # What the check accepts, torch.load(weights_only=True) really loads.
+    atomic_save(state, str(tmp_path / "state.pth"))
+    loaded = load_checkpoint_file(str(tmp_path / "state.pth"))
+    assert loaded["misc"][:5] == state["misc"][:5] and loaded["misc"][5:] == state["misc"][5:]
+    assert loaded["counter"] == collections.Counter("aab")
+    assert loaded["rng"]["python"] == (3, (0, 1, 2, 3, 4), None)
+    momentum = optimizer.state[model.weight]["momentum_buffer"]
+    assert torch.equal(loaded["optimizer"]["state"][0]["momentum_buffer"], momentum)
 
 
 @pytest.mark.parametrize(
@@ -138,6 +148,13 @@ def test_truncated_file_raises_checkpoint_error_naming_it(tmp_path, legacy_forma
         load_checkpoint_file(str(path))
     assert not isinstance(info.value, UnsafeCheckpointError)
     assert f"'{path}' is not a valid checkpoint" in str(info.value)
+
+
+def test_plain_pickle_is_not_a_checkpoint_and_the_error_points_to_the_converter(tmp_path):
+    path = tmp_path / "old.pkl"
+    path.write_bytes(pickle.dumps({"model": {"w": 1.0}}))
+    with pytest.raises(CheckpointError, match=r"is not a valid checkpoint.*trainkit\.checkpoint\.convert"):
+        load_checkpoint_file(str(path))
 
 
 @pytest.mark.parametrize("content", [b"", b"hello world" * 10])

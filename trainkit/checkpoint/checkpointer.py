@@ -286,8 +286,6 @@ class PeriodicCheckpointer:
     def step(self, iteration: int, **kwargs: Any) -> None:
         """Save if ``iteration`` is due; ``kwargs`` and ``iteration`` are stored as extra data."""
         iteration = int(iteration)
-        if "iteration" in kwargs:
-            raise ValueError("step() stores 'iteration' itself; do not pass it in kwargs.")
         extra = {"iteration": iteration, **kwargs}
         if (iteration + 1) % self.period == 0:
             self.checkpointer.save(f"{self.file_prefix}_{iteration:07d}", **extra)

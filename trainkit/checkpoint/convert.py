@@ -39,13 +39,12 @@ def _to_plain(value: Any) -> Any:
 
 
 def _load_trusted(path: str) -> Any:
-    """Load ``path`` with unrestricted pickle (runs the file's code): a torch.save file or a plain pickle."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except pickle.UnpicklingError:
-        # Not a torch.save file; plain pickles (e.g. detectron2's .pkl model files) store numpy arrays.
+    """Load ``path`` with unrestricted pickle (runs the file's code): a ``.pkl`` pickle or a torch.save file."""
+    if path.endswith(".pkl"):
+        # Plain pickles, e.g. detectron2's model-zoo files, which store numpy arrays.
         with open(path, "rb") as f:
             return pickle.load(f, encoding="latin1")
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def convert_trusted_checkpoint(src: str, dst: str) -> None:
@@ -54,7 +53,7 @@ def convert_trusted_checkpoint(src: str, dst: str) -> None:
     Runs the code in ``src``'s pickle: only for files you trust.
 
     Args:
-        src: the trusted checkpoint (torch.save file or plain pickle).
+        src: the trusted checkpoint: a torch.save file, or a plain pickle if its name ends in ``.pkl``.
         dst: where to write the converted checkpoint (atomically).
 
     Raises:

@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 from typing import Any, Callable, Dict, List, Set
 
 import torch
@@ -46,7 +47,8 @@ class UnsafeCheckpointError(CheckpointError):
 
 # Types that torch.load(weights_only=True) rebuilds without an allowlist entry. Exact types only: a subclass
 # (a namedtuple, a numpy float64, an IntEnum) is pickled by reference to its own class and is refused.
-_PLAIN_TYPES = (type(None), bool, int, float, complex, str, bytes, bytearray, torch.Size, torch.device, torch.dtype)
+_PLAIN_TYPES = (type(None), bool, int, float, complex, str, bytes, bytearray)
+_PLAIN_TYPES += (torch.Size, torch.device, torch.dtype)
 _MAPPING_TYPES = (dict, collections.OrderedDict, collections.Counter)
 _SEQUENCE_TYPES = (list, tuple, set)
 _TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
@@ -183,12 +185,13 @@ def _unsafe_globals(path: str, error: Exception) -> List[str]:
 
 
 def _short_reason(error: Exception) -> str:
-    """The most informative line of a torch.load error (its messages are many lines long)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    for line in lines:
-        if line.startswith("WeightsUnpickler error:"):
-            return line
-    return f"{type(error).__name__}: {lines[0] if lines else 'no message'}"
+    """The informative first sentence of a torch.load error (its messages run to many lines)."""
+    text = str(error)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "no message")
+    return f"{type(error).__name__}: {first.split('. ')[0].rstrip('.')}"
 
 
 def load_checkpoint_file(path: str) -> Dict[str, Any]:
@@ -208,7 +211,10 @@ def load_checkpoint_file(path: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Checkpoint file not found: '{path}'. Check the path (and MODEL.WEIGHTS).")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # A non-torch pickle makes torch warn about its protocol before failing; our error says more.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, MemoryError):
         raise
     except Exception as e:
@@ -220,9 +226,14 @@ def load_checkpoint_file(path: str) -> Dict[str, Any]:
                 f"`python -m trainkit.checkpoint.convert {path} NEW.pth` (this runs its code one time) and load "
                 "NEW.pth instead."
             ) from e
+        hint = (
+            "A plain pickle you trust can be converted with `python -m trainkit.checkpoint.convert`."
+            if path.endswith(".pkl")
+            else "The file may be truncated or corrupt (an interrupted copy?); use an earlier checkpoint."
+        )
+        reason = _short_reason(e)
         raise CheckpointError(
-            f"'{path}' is not a valid checkpoint: torch.load failed ({_short_reason(e)}). The file may be "
-            "truncated or corrupt (an interrupted copy?) or not written by torch.save; use an earlier checkpoint."
+            f"'{path}' is not a valid checkpoint: torch.load(weights_only=True) failed ({reason}). {hint}"
         ) from e
     if not isinstance(data, dict):
         raise CheckpointError(
