@@ -1,5 +1,25 @@
-"""The training engine: the loop (train_loop), hooks, and (later) DefaultTrainer and launch."""
-from .train_loop import AMPTrainer, HookBase, SimpleTrainer, TrainerBase
+"""The training engine: the loop and hooks (config-free), the launcher, and DefaultTrainer (config-driven)."""
 from . import hooks
+from .launch import launch
+from .train_loop import AMPTrainer, HookBase, SimpleTrainer, TrainerBase
+from .defaults import (
+    DefaultTrainer,
+    create_ddp_model,
+    default_argument_parser,
+    default_setup,
+    default_writers,
+)
 
-__all__ = ["HookBase", "TrainerBase", "SimpleTrainer", "AMPTrainer", "hooks"]
+__all__ = [
+    "HookBase",
+    "TrainerBase",
+    "SimpleTrainer",
+    "AMPTrainer",
+    "hooks",
+    "launch",
+    "DefaultTrainer",
+    "create_ddp_model",
+    "default_argument_parser",
+    "default_setup",
+    "default_writers",
+]

@@ -10,10 +10,14 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 
+from trainkit.checkpoint import PeriodicCheckpointer as _PeriodicCheckpointer
 from trainkit.engine.train_loop import HookBase
+from trainkit.evaluation.testing import flatten_results_dict
+from trainkit.utils import comm
+from trainkit.utils.env import preserve_rng_state
 from trainkit.utils.events import EventWriter
 
-__all__ = ["CallbackHook", "IterationTimer", "LRScheduler", "PeriodicWriter"]
+__all__ = ["CallbackHook", "IterationTimer", "LRScheduler", "PeriodicWriter", "PeriodicCheckpointer", "EvalHook"]
 
 logger = logging.getLogger(__name__)
 
@@ -197,3 +201,88 @@ class PeriodicWriter(HookBase):
         finally:
             for writer in self._writers:
                 writer.close()
+
+
+def _flush_trainer_metrics(trainer: Any) -> None:
+    # Bring the trainer's pending metrics into the storage (and raise on a non-finite loss) before a hook
+    # saves or evaluates, so that no checkpoint is written after a NaN went unnoticed.
+    flush = getattr(trainer, "flush_metrics", None)
+    if flush is not None:
+        flush()
+
+
+class PeriodicCheckpointer(_PeriodicCheckpointer, HookBase):
+    """Saves a checkpoint every ``period`` iterations and after the last one (``model_final``).
+
+    The hook form of :class:`trainkit.checkpoint.PeriodicCheckpointer`; ``max_iter`` is taken from the
+    trainer. Register it on every process (only the checkpointer of the main process writes): before saving,
+    it gathers the trainer's pending metrics, which is a collective.
+
+    Args:
+        checkpointer: does the saving; its checkpointables should include the trainer.
+        period: iterations between checkpoints.
+        max_to_keep: keep the newest N periodic checkpoints (None: all).
+        file_prefix: file name prefix.
+    """
+
+    def __init__(self, checkpointer: Any, period: int, max_to_keep: Optional[int] = None, file_prefix: str = "model") -> None:
+        super().__init__(checkpointer, period, max_iter=None, max_to_keep=max_to_keep, file_prefix=file_prefix)
+
+    def before_train(self) -> None:
+        self.max_iter = self.trainer.max_iter
+
+    def after_step(self) -> None:
+        it = self.trainer.iter
+        if (it + 1) % self.period == 0 or it >= self.max_iter - 1:
+            _flush_trainer_metrics(self.trainer)
+        self.step(it)
+
+
+class EvalHook(HookBase):
+    """Runs an evaluation function every ``eval_period`` iterations and after the last iteration.
+
+    The results (a nested dict such as ``{"classification": {"top1": 97.2}}``) are flattened into the
+    storage as ``task/metric`` scalars at the iteration just finished; register the writers after this
+    hook so that they write the final evaluation. The evaluation runs with the Python, NumPy and torch RNG
+    states saved and restored, so evaluating does not change the randomness of the training that follows.
+
+    Args:
+        eval_period: iterations between evaluations; 0 evaluates only after the last iteration.
+        eval_function: called without arguments on every process; returns the results dict (or nothing).
+        eval_after_train: also evaluate after the last iteration.
+    """
+
+    def __init__(self, eval_period: int, eval_function: Callable[[], Any], eval_after_train: bool = True) -> None:
+        self._period = eval_period
+        self._func = eval_function
+        self._eval_after_train = eval_after_train
+
+    def _do_eval(self) -> None:
+        with preserve_rng_state():
+            results = self._func()
+        if results:
+            if not isinstance(results, dict):
+                raise TypeError(f"The eval function must return a dict of results, got {type(results).__name__}.")
+            flattened = flatten_results_dict(results)
+            for name, value in flattened.items():
+                try:
+                    flattened[name] = float(value)
+                except (TypeError, ValueError) as e:
+                    raise ValueError(
+                        f"Evaluation result {name}={value!r} is not a number; the eval function must return a "
+                        "dict of dicts of numbers."
+                    ) from e
+            self.trainer.storage.put_scalars(**flattened, smoothing_hint=False)
+        # Evaluation may take different times on different ranks: meet before training continues.
+        comm.synchronize()
+
+    def after_step(self) -> None:
+        next_iter = self.trainer.iter + 1
+        is_final = next_iter == self.trainer.max_iter
+        if (self._period > 0 and next_iter % self._period == 0) or (is_final and self._eval_after_train):
+            _flush_trainer_metrics(self.trainer)
+            self._do_eval()
+
+    def after_train(self) -> None:
+        # The function usually closes over big objects (model, data): release them once training is over.
+        self._func = None  # type: ignore[assignment]

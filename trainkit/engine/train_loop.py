@@ -468,7 +468,7 @@ class AMPTrainer(SimpleTrainer):
         self.grad_scaler.step(self.optimizer)
         self.grad_scaler.update()
         if self.log_grad_scaler:
-            self.storage.put_scalar("[metric]grad_scaler", self.grad_scaler._get_scale_async())
+            get_event_storage().put_scalar("[metric]grad_scaler", self.grad_scaler._get_scale_async())
 
     def state_dict(self) -> Dict[str, Any]:
         ret = super().state_dict()

@@ -1,0 +1,412 @@
+"""From a config to a training run: DefaultTrainer and the helpers of the command-line tools.
+
+This is the one module that turns a config into objects. Every ``build_*`` is a classmethod (or method) that
+a subclass can override to change one part of the run and keep the rest. Nothing in the library imports
+this module: only tools and users do.
+"""
+import argparse
+import logging
+import os
+import sys
+import weakref
+from collections import OrderedDict
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from trainkit.checkpoint import Checkpointer
+from trainkit.config import CfgNode
+from trainkit.data import MetadataCatalog, build_test_loader, build_train_loader, set_train_loader_start
+from trainkit.engine import hooks
+from trainkit.engine.train_loop import AMPTrainer, HookBase, SimpleTrainer, TrainerBase
+from trainkit.evaluation import ClassificationEvaluator, DatasetEvaluator, inference_on_dataset, print_csv_format
+from trainkit.modeling import build_model
+from trainkit.solver import build_lr_scheduler, build_optimizer
+from trainkit.utils import comm
+from trainkit.utils.env import collect_env_info, get_rng_state, seed_all_rng, set_rng_state
+from trainkit.utils.events import CommonMetricPrinter, EventWriter, JSONWriter, TensorboardXWriter
+from trainkit.utils.logger import setup_logger
+
+__all__ = [
+    "create_ddp_model",
+    "default_argument_parser",
+    "default_setup",
+    "default_writers",
+    "DefaultTrainer",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def create_ddp_model(model: nn.Module, *, fp16_compression: bool = False, **kwargs: Any) -> nn.Module:
+    """Wraps ``model`` in DistributedDataParallel when there is more than one process; else returns it.
+
+    Args:
+        model: the model, already on its device.
+        fp16_compression: compress gradients to float16 for the all-reduce (less traffic, a little less
+            precision).
+        kwargs: passed to DistributedDataParallel. ``device_ids`` defaults to this process's local GPU for a
+            CUDA model.
+    """
+    if comm.get_world_size() == 1:
+        return model
+    if "device_ids" not in kwargs and next(model.parameters()).is_cuda:
+        kwargs["device_ids"] = [comm.get_local_rank()]
+    ddp = DistributedDataParallel(model, **kwargs)
+    if fp16_compression:
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        ddp.register_comm_hook(state=None, hook=default_hooks.fp16_compress_hook)
+    return ddp
+
+
+def default_argument_parser(epilog: Optional[str] = None) -> argparse.ArgumentParser:
+    """The command-line arguments of ``tools/train_net.py``: config file, resume, eval-only, processes.
+
+    Trailing ``KEY VALUE`` pairs override config options, e.g. ``SOLVER.MAX_ITER 100``.
+    """
+    parser = argparse.ArgumentParser(
+        epilog=epilog
+        or "Examples:\n  Train:    %(prog)s --config-file configs/digits/mlp.yaml\n"
+        "  Resume:   %(prog)s --config-file configs/digits/mlp.yaml --resume\n"
+        "  Evaluate: %(prog)s --config-file configs/digits/mlp.yaml --eval-only MODEL.WEIGHTS output/model_final.pth\n"
+        "  2 procs:  %(prog)s --config-file configs/digits/mlp.yaml --num-gpus 2",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config-file", default="", metavar="FILE", help="path to the config file")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the last checkpoint in OUTPUT_DIR (MODEL.WEIGHTS is ignored when one exists)",
+    )
+    parser.add_argument("--eval-only", action="store_true", help="evaluate MODEL.WEIGHTS and exit")
+    parser.add_argument(
+        "--num-gpus", type=int, default=1, help="processes per machine (one per GPU; CPU processes without CUDA)"
+    )
+    parser.add_argument("--num-machines", type=int, default=1, help="total number of machines")
+    parser.add_argument("--machine-rank", type=int, default=0, help="rank of this machine (0 is the main one)")
+    parser.add_argument(
+        "--dist-url",
+        default="auto",
+        help="URL where the processes meet, e.g. tcp://10.0.0.1:29500 (machine 0's address); "
+        "'auto' picks a free local port (one machine only)",
+    )
+    parser.add_argument(
+        "opts",
+        default=None,
+        nargs=argparse.REMAINDER,
+        help="config overrides as space-separated KEY VALUE pairs at the end, e.g. SOLVER.MAX_ITER 100",
+    )
+    return parser
+
+
+def default_setup(cfg: CfgNode, args: argparse.Namespace) -> None:
+    """The usual start of a run: output folder, logging to console and file, environment info, config dump,
+    seeds.
+
+    Seeds every RNG with ``cfg.SEED + rank`` (a fresh random seed when ``SEED`` is negative; it is logged).
+    """
+    output_dir = cfg.OUTPUT_DIR
+    rank = comm.get_rank()
+    if comm.is_main_process() and output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+    comm.synchronize()
+    setup_logger(output_dir or None, distributed_rank=rank, name="trainkit")
+    logger.info("Rank of current process: %d. World size: %d", rank, comm.get_world_size())
+    logger.info("Environment info:\n%s", collect_env_info())
+    logger.info("Command line arguments: %s", args)
+    if getattr(args, "config_file", ""):
+        logger.info("Config file %s", args.config_file)
+    if comm.is_main_process() and output_dir:
+        path = cfg.dump_to(output_dir)
+        logger.info("Full config saved to %s", path)
+    seed = seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + rank)
+    logger.info("Seeded the RNGs of rank %d with %d", rank, seed)
+    if not getattr(args, "eval_only", False):
+        torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
+
+
+def default_writers(output_dir: str, max_iter: Optional[int] = None) -> List[EventWriter]:
+    """The default writers: console (with ETA), ``output_dir/metrics.json`` and TensorBoard in ``output_dir``."""
+    os.makedirs(output_dir, exist_ok=True)
+    return [
+        CommonMetricPrinter(max_iter),
+        JSONWriter(os.path.join(output_dir, "metrics.json")),
+        TensorboardXWriter(output_dir),
+    ]
+
+
+class DefaultTrainer(TrainerBase):
+    """A trainer built from a config: model, optimizer, LR schedule, data, checkpointer, evaluation, writers.
+
+    Example::
+
+        cfg = get_cfg()
+        cfg.merge_from_file("configs/digits/mlp.yaml")
+        trainer = DefaultTrainer(cfg)
+        trainer.resume_or_load(resume=False)
+        trainer.train()
+
+    Customise a run by subclassing and overriding a ``build_*`` method (``build_model``,
+    ``build_optimizer``, ``build_lr_scheduler``, ``build_train_loader``, ``build_test_loader``,
+    ``build_evaluator``, ``build_hooks``, ``build_writers``).
+
+    The default hooks, in order: IterationTimer, LRScheduler, PeriodicCheckpointer (``SOLVER.CHECKPOINT_PERIOD``),
+    EvalHook (``TEST.EVAL_PERIOD`` and after the last iteration), PeriodicWriter (``SOLVER.LOG_PERIOD``; main
+    process only, last, so that it writes the evaluation results of the same iteration).
+
+    Checkpoints hold the model, the optimizer, the LR scheduler, the grad scaler, the iteration, every hook's
+    state, the training data seed and the RNG states of every process: a resumed run continues exactly.
+    """
+
+    def __init__(self, cfg: CfgNode) -> None:
+        super().__init__()
+        trainkit_logger = logging.getLogger("trainkit")
+        if not trainkit_logger.isEnabledFor(logging.INFO) or not trainkit_logger.handlers:
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        self.cfg = cfg
+
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model, broadcast_buffers=False)
+        trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+        kwargs: Dict[str, Any] = {"gather_metric_period": cfg.SOLVER.LOG_PERIOD}
+        if cfg.SOLVER.AMP.ENABLED:
+            kwargs["precision"] = _amp_dtype(cfg.SOLVER.AMP.PRECISION)
+        self._trainer = trainer_cls(model, data_loader, optimizer, **kwargs)
+
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = Checkpointer(
+            model, cfg.OUTPUT_DIR, save_to_disk=comm.is_main_process(), trainer=weakref.proxy(self)
+        )
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self._last_eval_results: Optional[Dict[str, Any]] = None
+        self.register_hooks(self.build_hooks())
+
+    # ---- the parts of the inner trainer, as attributes of this one -----------------------------------------
+    @property
+    def model(self) -> nn.Module:
+        return self._trainer.model
+
+    @property
+    def data_loader(self) -> Any:
+        return self._trainer.data_loader
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self._trainer.optimizer
+
+    # ---- running -------------------------------------------------------------------------------------------
+    def register_hooks(self, hooks_: Sequence[Optional[HookBase]]) -> None:
+        super().register_hooks(hooks_)
+        # The inner trainer calls after_backward from inside its step: give it this trainer's hooks.
+        self._trainer._dispatch["after_backward"] = self._dispatch["after_backward"]
+
+    def resume_or_load(self, resume: bool = True) -> None:
+        """Resumes from the last checkpoint in ``OUTPUT_DIR`` when ``resume`` and one exists; otherwise loads
+        ``MODEL.WEIGHTS`` (if set) and starts at iteration 0.
+
+        Resuming restores everything and makes the training data continue from the saved iteration.
+        """
+        has_checkpoint = resume and self.checkpointer.has_checkpoint()
+        if resume and not has_checkpoint:
+            logger.info("--resume: no checkpoint in %r; starting from scratch.", self.cfg.OUTPUT_DIR)
+        self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
+        if has_checkpoint:
+            # load_state_dict set self.iter to the last finished iteration.
+            self.start_iter = self.iter + 1
+            logger.info("Resuming from iteration %d", self.start_iter)
+        if self.start_iter > 0 and not set_train_loader_start(self.data_loader, self.start_iter):
+            logger.warning(
+                "The training loader is not one of trainkit's: its data order restarts from the beginning "
+                "instead of continuing at iteration %d.", self.start_iter
+            )
+
+    def train(self) -> Optional[Dict[str, Any]]:
+        """Runs training; returns the last evaluation results (None if there was no evaluation)."""
+        super().train(self.start_iter, self.max_iter)
+        return self._last_eval_results
+
+    def before_train(self) -> None:
+        self._trainer.storage = self.storage
+        self._trainer.start_iter = self.start_iter
+        super().before_train()
+
+    def run_step(self) -> None:
+        self._trainer.iter = self.iter
+        self._trainer.max_iter = self.max_iter
+        self._trainer.run_step()
+
+    def flush_metrics(self) -> None:
+        """See :meth:`SimpleTrainer.flush_metrics`."""
+        self._trainer.flush_metrics()
+
+    def after_train(self) -> None:
+        self._trainer.iter = self.iter
+        self._trainer.after_train()  # writes the metrics still pending
+        super().after_train()
+
+    # ---- state ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        # Every rank's RNG state: the rest of the run consumes them (dropout, augmentation in the main process).
+        ret["rng"] = comm.all_gather(get_rng_state())
+        return ret
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._trainer.load_state_dict(state_dict["_trainer"])
+        rng = state_dict.get("rng")
+        if rng:
+            if len(rng) != comm.get_world_size():
+                logger.warning(
+                    "The checkpoint holds RNG states of %d processes but %d are running: RNG states are not "
+                    "restored, so the resumed run is not bit-exact.", len(rng), comm.get_world_size()
+                )
+            else:
+                set_rng_state(rng[comm.get_rank()])
+
+    # ---- building blocks (override in a subclass) ----------------------------------------------------------
+    def build_hooks(self) -> List[Optional[HookBase]]:
+        """The default hooks (see the class docstring)."""
+        cfg = self.cfg
+        weak_self = weakref.proxy(self)  # the eval closure must not keep the trainer alive
+
+        def test_and_save_results() -> Dict[str, Any]:
+            weak_self._last_eval_results = weak_self.test(weak_self.cfg, weak_self.model)
+            return weak_self._last_eval_results
+
+        return [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(),
+            hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD),
+            hooks.EvalHook(cfg.TEST.EVAL_PERIOD, test_and_save_results),
+            hooks.PeriodicWriter(self.build_writers(), period=cfg.SOLVER.LOG_PERIOD) if comm.is_main_process() else None,
+        ]
+
+    def build_writers(self) -> List[EventWriter]:
+        """The writers of the PeriodicWriter hook; :func:`default_writers` by default."""
+        return default_writers(self.cfg.OUTPUT_DIR, self.max_iter)
+
+    @classmethod
+    def build_model(cls, cfg: CfgNode) -> nn.Module:
+        """``trainkit.modeling.build_model(cfg)``, and logs the model."""
+        model = build_model(cfg)
+        logger.info("Model:\n%s", model)
+        return model
+
+    @classmethod
+    def build_optimizer(cls, cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
+        """``trainkit.solver.build_optimizer(cfg, model)``."""
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg: CfgNode, optimizer: torch.optim.Optimizer) -> Any:
+        """``trainkit.solver.build_lr_scheduler(cfg, optimizer)``."""
+        return build_lr_scheduler(cfg, optimizer)
+
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode) -> Any:
+        """``trainkit.data.build_train_loader(cfg)``."""
+        return build_train_loader(cfg)
+
+    @classmethod
+    def build_test_loader(cls, cfg: CfgNode, dataset_name: str) -> Any:
+        """``trainkit.data.build_test_loader(cfg, dataset_name)``."""
+        return build_test_loader(cfg, dataset_name)
+
+    @classmethod
+    def build_evaluator(cls, cfg: CfgNode, dataset_name: str) -> DatasetEvaluator:
+        """A :class:`ClassificationEvaluator` for data sets whose metadata ``evaluator_type`` is
+        ``"classification"``.
+
+        Raises:
+            NotImplementedError: for other data sets; override this method or pass ``evaluators`` to
+                :meth:`test`.
+        """
+        evaluator_type = getattr(MetadataCatalog.get(dataset_name), "evaluator_type", None)
+        if evaluator_type == "classification":
+            return ClassificationEvaluator(dataset_name)
+        raise NotImplementedError(
+            f"No evaluator for dataset {dataset_name!r} (evaluator_type={evaluator_type!r}). Override "
+            "DefaultTrainer.build_evaluator in a subclass to return one, or pass evaluators= to DefaultTrainer.test()."
+        )
+
+    @classmethod
+    def test(
+        cls, cfg: CfgNode, model: nn.Module, evaluators: Optional[Sequence[DatasetEvaluator]] = None
+    ) -> Dict[str, Any]:
+        """Evaluates ``model`` on every data set of ``DATASETS.TEST``.
+
+        Args:
+            evaluators: one per data set; built with :meth:`build_evaluator` when None.
+
+        Returns:
+            ``{dataset name: results}``, or just the results when there is one data set.
+        """
+        if evaluators is not None and len(evaluators) != len(cfg.DATASETS.TEST):
+            raise ValueError(
+                f"test() got {len(evaluators)} evaluators for {len(cfg.DATASETS.TEST)} data sets in "
+                f"DATASETS.TEST ({list(cfg.DATASETS.TEST)}); pass one per data set."
+            )
+        results: Dict[str, Any] = OrderedDict()
+        for idx, dataset_name in enumerate(cfg.DATASETS.TEST):
+            data_loader = cls.build_test_loader(cfg, dataset_name)
+            evaluator = evaluators[idx] if evaluators is not None else cls.build_evaluator(cfg, dataset_name)
+            results_i = inference_on_dataset(model, data_loader, evaluator)
+            results[dataset_name] = results_i
+            if comm.is_main_process() and results_i:
+                logger.info("Evaluation results for %s in csv format:", dataset_name)
+                print_csv_format(results_i)
+        if len(results) == 1:
+            return list(results.values())[0]
+        return results
+
+    @staticmethod
+    def auto_scale_workers(cfg: CfgNode, num_workers: int) -> CfgNode:
+        """Scales the batch size, learning rate, iterations and periods linearly when ``num_workers`` differs
+        from ``SOLVER.REFERENCE_WORLD_SIZE`` (0 disables scaling), keeping the per-process batch fixed.
+
+        Returns:
+            the (new) config; the given one is not modified.
+        """
+        old_world_size = cfg.SOLVER.REFERENCE_WORLD_SIZE
+        if old_world_size == 0 or old_world_size == num_workers:
+            return cfg
+        cfg = cfg.clone()
+        frozen = cfg.is_frozen()
+        cfg.defrost()
+        if cfg.SOLVER.IMS_PER_BATCH % old_world_size != 0:
+            raise ValueError(
+                f"SOLVER.IMS_PER_BATCH ({cfg.SOLVER.IMS_PER_BATCH}) must be divisible by "
+                f"SOLVER.REFERENCE_WORLD_SIZE ({old_world_size}) to scale it."
+            )
+        scale = num_workers / old_world_size
+        bs = cfg.SOLVER.IMS_PER_BATCH = int(round(cfg.SOLVER.IMS_PER_BATCH * scale))
+        lr = cfg.SOLVER.BASE_LR = cfg.SOLVER.BASE_LR * scale
+        max_iter = cfg.SOLVER.MAX_ITER = int(round(cfg.SOLVER.MAX_ITER / scale))
+        cfg.SOLVER.WARMUP_ITERS = int(round(cfg.SOLVER.WARMUP_ITERS / scale))
+        cfg.SOLVER.STEPS = tuple(int(round(s / scale)) for s in cfg.SOLVER.STEPS)
+        cfg.TEST.EVAL_PERIOD = int(round(cfg.TEST.EVAL_PERIOD / scale))
+        cfg.SOLVER.CHECKPOINT_PERIOD = int(round(cfg.SOLVER.CHECKPOINT_PERIOD / scale))
+        cfg.SOLVER.REFERENCE_WORLD_SIZE = num_workers
+        logger.info(
+            "Auto-scaling the config to %d processes: IMS_PER_BATCH=%d, BASE_LR=%g, MAX_ITER=%d.",
+            num_workers, bs, lr, max_iter,
+        )
+        if frozen:
+            cfg.freeze()
+        return cfg
+
+
+def _amp_dtype(name: str) -> torch.dtype:
+    dtypes = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if name.lower() not in dtypes:
+        raise ValueError(f"SOLVER.AMP.PRECISION is {name!r}; use 'float16' or 'bfloat16'.")
+    return dtypes[name.lower()]
