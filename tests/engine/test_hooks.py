@@ -1,7 +1,6 @@
 import bisect
 import itertools
 import json
-import logging
 import re
 import statistics
 import time
@@ -13,6 +12,7 @@ from torch import nn
 
 from tests.engine.test_train_loop import TwoLossModel, make_data, make_trainer
 from trainkit.engine import HookBase, SimpleTrainer, hooks
+from tests.utils.test_events import trainkit_info_logs  # noqa: F401 (a pytest fixture used below)
 from trainkit.utils.events import EventWriter, JSONWriter, get_event_storage
 
 
@@ -76,8 +76,8 @@ def test_iteration_timer_times_the_iterations_after_warmup(start_iter, expected)
     assert all(0.005 <= v < 1.0 for v, _ in seen["time"].values())
 
 
-def test_iteration_timer_logs_speed_and_total_time(caplog):
-    caplog.set_level(logging.INFO, logger="trainkit.engine.hooks")
+def test_iteration_timer_logs_speed_and_total_time(trainkit_info_logs):
+    caplog = trainkit_info_logs
     trainer = make_trainer()
     trainer.register_hooks([hooks.IterationTimer(warmup_iter=2), SlowBeforeStep()])
     trainer.train(0, 12)
@@ -87,8 +87,8 @@ def test_iteration_timer_logs_speed_and_total_time(caplog):
     assert total == "Total training time: 0:00:00 (12 iterations)"
 
 
-def test_iteration_timer_after_a_failure_during_warmup_logs_only_the_total(caplog):
-    caplog.set_level(logging.INFO, logger="trainkit.engine.hooks")
+def test_iteration_timer_after_a_failure_during_warmup_logs_only_the_total(trainkit_info_logs):
+    caplog = trainkit_info_logs
     trainer = make_trainer()
     trainer.register_hooks([hooks.IterationTimer(warmup_iter=3), FailAt(1)])
     with pytest.raises(RuntimeError, match="failed at 1"):

@@ -359,12 +359,20 @@ def test_tensorboard_writer_writes_images_and_histograms_once(tmp_path):
 
 
 # ---- CommonMetricPrinter ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def trainkit_info_logs(caplog, monkeypatch):
+    """caplog at INFO for trainkit's loggers, also after setup_logger() turned their propagation off."""
+    monkeypatch.setattr(logging.getLogger("trainkit"), "propagate", True)
+    caplog.set_level(logging.INFO, logger="trainkit")
+    return caplog
+
+
 def _printed(caplog):
     return [r.getMessage() for r in caplog.records if r.name == "trainkit.utils.events"]
 
 
-def test_common_metric_printer_logs_eta_iteration_losses_times_and_lr_in_one_line(caplog):
-    caplog.set_level(logging.INFO, logger="trainkit.utils.events")
+def test_common_metric_printer_logs_eta_iteration_losses_times_and_lr_in_one_line(trainkit_info_logs):
+    caplog = trainkit_info_logs
     with EventStorage() as storage:
         for it in range(20):
             storage.iter = it
@@ -383,8 +391,8 @@ def test_common_metric_printer_logs_eta_iteration_losses_times_and_lr_in_one_lin
     )
 
 
-def test_common_metric_printer_without_time_estimates_eta_from_wall_time(caplog):
-    caplog.set_level(logging.INFO, logger="trainkit.utils.events")
+def test_common_metric_printer_without_time_estimates_eta_from_wall_time(trainkit_info_logs):
+    caplog = trainkit_info_logs
     with EventStorage(start_iter=9) as storage:
         printer = CommonMetricPrinter(max_iter=10_010)
         storage.put_scalar("loss", 1.0)
