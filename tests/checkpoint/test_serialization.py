@@ -43,6 +43,13 @@ def test_atomic_save_writes_a_loadable_file_and_leaves_no_temporary_file(tmp_pat
     assert torch.equal(load_checkpoint_file(str(path))["w"], torch.arange(3))
 
 
+def test_atomic_save_gives_the_file_the_usual_permissions(tmp_path):
+    atomic_save({"w": torch.zeros(1)}, str(tmp_path / "a.pth"))
+    with open(tmp_path / "plain", "wb"):
+        pass
+    assert os.stat(tmp_path / "a.pth").st_mode == os.stat(tmp_path / "plain").st_mode
+
+
 def test_failed_save_keeps_the_previous_file_and_removes_its_temporary_file(tmp_path):
     path = tmp_path / "a.pth"
     atomic_save({"w": torch.zeros(2)}, str(path))

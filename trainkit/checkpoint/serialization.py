@@ -10,13 +10,14 @@ Reads use ``torch.load(..., weights_only=True)``: a file whose pickle would impo
 refused, never executed. There is no fallback to ``weights_only=False``.
 """
 import collections
+import errno
 import logging
 import os
 import pickle
 import re
-import tempfile
+import secrets
 import warnings
-from typing import Any, Callable, Dict, List, Set
+from typing import Any, Callable, Dict, List, Set, Tuple
 
 import torch
 
@@ -61,14 +62,29 @@ def _fsync_dir(dirname: str) -> None:
     fd = os.open(dirname, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as e:
+        # Some file systems (several network ones) cannot fsync a folder; the rename has happened regardless.
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+        logger.debug("Cannot fsync folder %s (%s); the rename may not survive a power loss.", dirname, e)
     finally:
         os.close(fd)
 
 
+def _create_temp_file(path: str) -> Tuple[int, str]:
+    """Create a new hidden file next to ``path``; unlike ``tempfile.mkstemp`` (mode 0600) it honours the umask."""
+    dirname, basename = os.path.split(os.path.abspath(path))
+    while True:
+        tmp_path = os.path.join(dirname, f".{basename}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+        try:
+            return os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp_path
+        except FileExistsError:
+            continue
+
+
 def _atomic_write(path: str, write: Callable[[Any], None]) -> None:
     """Call ``write(file)`` on a temporary file next to ``path``, then durably rename it to ``path``."""
-    dirname = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=TEMP_SUFFIX, dir=dirname)
+    fd, tmp_path = _create_temp_file(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -82,7 +98,7 @@ def _atomic_write(path: str, write: Callable[[Any], None]) -> None:
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(dirname)
+    _fsync_dir(os.path.dirname(tmp_path))
 
 
 def atomic_save(obj: Any, path: str) -> None:
