@@ -6,26 +6,37 @@ import torch
 from sklearn.datasets import load_digits as sk_load_digits
 
 from trainkit.data import DatasetCatalog, load_digits, make_synthetic_classification
-from trainkit.data.datasets import _digits_tensors
+from trainkit.data.datasets import _digits_tensors, digits_split_indices
 
 
-def test_digits_split_is_first_1437_and_last_360_in_file_order():
+FIRST_TEST_INDICES = [1, 2, 6, 10, 13]
+
+
+def test_digits_split_is_a_fixed_stratified_partition_of_all_1797_images():
     train, test = DatasetCatalog.get("digits_train"), DatasetCatalog.get("digits_test")
-    assert (len(train), len(test)) == (1437, 360)
+    assert (len(train), len(test)) == (1438, 359)
     raw = sk_load_digits()
-    for dataset, offset in ((train, 0), (test, 1437)):
+    train_idx, test_idx = digits_split_indices(torch.as_tensor(raw.target))
+    # A partition: every image exactly once, each split in file order.
+    assert sorted(train_idx.tolist() + test_idx.tolist()) == list(range(1797))
+    assert train_idx.tolist() == sorted(train_idx.tolist()) and test_idx.tolist() == sorted(test_idx.tolist())
+    for dataset, indices in ((train, train_idx), (test, test_idx)):
         for i in (0, 7, len(dataset) - 1):
             item = dataset[i]
             assert item["image"].shape == (1, 8, 8) and item["image"].dtype == torch.float32
             assert item["label"].dtype == torch.int64 and item["label"].dim() == 0
-            assert np.array_equal(item["image"][0].numpy(), (raw.images[offset + i] / 16).astype(np.float32))
-            assert item["label"].item() == raw.target[offset + i]
-    labels = torch.stack([test[i]["label"] for i in range(360)])
-    assert torch.bincount(labels).tolist() == [35, 36, 35, 37, 37, 37, 37, 36, 33, 37]
+            assert np.array_equal(item["image"][0].numpy(), (raw.images[indices[i]] / 16).astype(np.float32))
+            assert item["label"].item() == raw.target[indices[i]]
+    # Stratified: 20% of each class (rounded) is in the test split.
+    labels = torch.stack([test[i]["label"] for i in range(len(test))])
+    per_class = np.bincount(raw.target)
+    assert torch.bincount(labels).tolist() == [int(round(n * 0.2)) for n in per_class]
+    # Fixed: the same indices every time (a regression guard on the documented split).
+    assert test_idx[:5].tolist() == FIRST_TEST_INDICES
 
 
 def test_digits_pixels_are_in_unit_range():
-    images = torch.stack([load_digits("train")[i]["image"] for i in range(1437)])
+    images = torch.stack([load_digits("train")[i]["image"] for i in range(1438)])
     assert images.min().item() == 0.0 and images.max().item() == 1.0
     with pytest.raises(ValueError, match="split='val'"):
         load_digits("val")

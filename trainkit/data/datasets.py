@@ -2,8 +2,10 @@
 
 ``digits_train`` / ``digits_test``
     scikit-learn's bundled handwritten digits (``sklearn.datasets.load_digits``: 1,797 8x8 images, no
-    download). Fixed split, in the file's order: the first 1,437 samples are ``digits_train``, the last 360
-    are ``digits_test`` (33 to 37 of each class).
+    download). Fixed, stratified split: within each class, the samples are shuffled by a torch.Generator
+    seeded with 0 and the first 20% (rounded) go to ``digits_test``, the rest to ``digits_train``, each kept
+    in file order; 1,438 train and 359 test samples (see :func:`digits_split_indices`). The split is the
+    same on every machine and every torch version that keeps ``torch.randperm``'s CPU stream.
 ``synthetic_train`` / ``synthetic_test``
     10 Gaussian clusters in 64 dimensions (5,000 / 1,000 samples), from
     :func:`make_synthetic_classification` with seed 0. Shared centres, independent samples. For tests and
@@ -24,11 +26,17 @@ from .catalog import DatasetCatalog, MetadataCatalog
 from .common import DatasetFromTensors
 from .samplers import derive_seed
 
-__all__ = ["load_digits", "make_synthetic_classification", "DIGITS_NUM_TRAIN", "register_builtin_datasets"]
+__all__ = [
+    "load_digits",
+    "digits_split_indices",
+    "make_synthetic_classification",
+    "DIGITS_TEST_FRACTION",
+    "register_builtin_datasets",
+]
 
 logger = logging.getLogger(__name__)
 
-DIGITS_NUM_TRAIN = 1437
+DIGITS_TEST_FRACTION = 0.2
 SYNTHETIC_SIZES = {"train": 5000, "test": 1000}
 
 
@@ -47,15 +55,26 @@ def _digits_tensors() -> Tuple[torch.Tensor, torch.Tensor]:
     return images, labels
 
 
+def digits_split_indices(labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The (train, test) sample indices of the fixed stratified digits split, each sorted."""
+    g = torch.Generator().manual_seed(0)
+    train, test = [], []
+    for c in range(int(labels.max()) + 1):
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n_test = int(round(len(idx) * DIGITS_TEST_FRACTION))
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    return torch.cat(train).sort().values, torch.cat(test).sort().values
+
+
 def load_digits(split: str) -> DatasetFromTensors:
-    """The digits data set's ``"train"`` (first 1,437 samples) or ``"test"`` (last 360) split."""
+    """The digits data set's ``"train"`` or ``"test"`` split (see the module docstring)."""
     images, labels = _digits_tensors()
-    if split == "train":
-        part = slice(0, DIGITS_NUM_TRAIN)
-    elif split == "test":
-        part = slice(DIGITS_NUM_TRAIN, None)
-    else:
+    if split not in ("train", "test"):
         raise ValueError(f"load_digits(split={split!r}): split must be 'train' or 'test'.")
+    train, test = digits_split_indices(labels)
+    part = train if split == "train" else test
     return DatasetFromTensors(image=images[part], label=labels[part])
 
 
