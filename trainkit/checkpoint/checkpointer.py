@@ -77,7 +77,8 @@ class Checkpointer:
     def save(self, name: str, **extra: Any) -> Optional[str]:
         """Write ``{save_dir}/{name}.pth`` atomically and tag it as the last checkpoint.
 
-        Does nothing when ``save_to_disk`` is false or ``save_dir`` is empty.
+        Does nothing when ``save_dir`` is empty. With ``save_to_disk`` false it collects the state (so that
+        collectives inside ``state_dict()`` meet on every process) but writes nothing.
 
         Args:
             name: file name without the ``.pth`` extension, e.g. ``"model_0000999"``.
@@ -90,17 +91,21 @@ class Checkpointer:
             TypeError: something in the checkpoint would not load with ``weights_only=True``; nothing was
                 written, so the previous checkpoint and tag stay as they were.
         """
-        if not self.save_dir or not self.save_to_disk:
+        if not self.save_dir:
             return None
         if not name or os.path.basename(name) != name:
             raise ValueError(f"Checkpoint name must be a plain file name without folders, got '{name}'.")
         taken = sorted(set(extra) & ({"model"} | set(self.checkpointables)))
         if taken:
             raise ValueError(f"Extra data names {taken} clash with the model/checkpointable entries; rename them.")
+        # Every process collects the state, also those that do not write: a checkpointable's state_dict() may
+        # be a collective (the trainer gathers every rank's RNG state), which all ranks must enter.
         data = {"model": unwrap_model(self.model).state_dict()}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
         data.update(extra)
+        if not self.save_to_disk:
+            return None
         basename = f"{name}.pth"
         check_weights_only_loadable(data, name=basename)
         os.makedirs(self.save_dir, exist_ok=True)
