@@ -138,7 +138,8 @@ def test_lr_scheduler_state_is_saved_with_the_trainer_and_resumes_the_same_curve
     second.load_state_dict(torch.load(tmp_path / "state.pth", weights_only=True))
     assert second.scheduler.last_epoch == 6
     second.train(second.iter, 11)
-    assert seen["lr"].values() == [(0.05 * 0.5 ** (i // 4), i) for i in range(6, 11)]
+    resumed = [(lr, it) for lr, it in seen["lr"].values() if it >= 6]
+    assert resumed == [(0.05 * 0.5 ** (i // 4), i) for i in range(6, 11)]
 
 
 def _two_group_trainer(lr_small_group, lr_big_group, lambdas):
