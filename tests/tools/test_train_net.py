@@ -1,0 +1,74 @@
+"""tools/train_net.py end to end, as a user runs it: a real subprocess per command.
+
+The short digits run (60 iterations, then --eval-only, then --resume to 80) comes from the ``tool_runs``
+fixture of conftest.py.
+"""
+import pytest
+
+from tests.tools.cli import CONFIG, LOGGED_60, LOGGED_80, logged_classification, read_metrics, run_tool
+from trainkit.config import get_cfg
+
+
+@pytest.fixture
+def runs(tool_runs):
+    return tool_runs["train_net.py"]
+
+
+def test_training_writes_every_logged_iteration_once_with_losses_timings_lr_and_evaluations(runs):
+    metrics = read_metrics(runs.after_60)
+    assert [m["iteration"] for m in metrics] == LOGGED_60
+    for m in metrics:
+        assert {"total_loss", "loss_cls", "lr", "time", "data_time"} <= m.keys()
+    assert [m["iteration"] for m in metrics if "classification/top1" in m] == [19, 39, 59]
+    assert metrics[-1]["classification/top1"] == logged_classification(runs.train.stdout)["top1"]
+
+
+def test_tensorboard_event_file_has_the_logged_scalars_at_their_iterations(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(runs.after_60))
+    events.Reload()
+    metrics = read_metrics(runs.after_60)
+    total_loss = events.Scalars("total_loss")
+    assert [e.step for e in total_loss] == LOGGED_60
+    assert [e.value for e in total_loss] == pytest.approx([m["total_loss"] for m in metrics], rel=1e-6)
+    assert [e.step for e in events.Scalars("classification/top1")] == [19, 39, 59]
+
+
+def test_output_dir_has_config_log_and_checkpoints_with_last_checkpoint_naming_the_final_one(runs):
+    out = runs.after_60
+    assert (out / "last_checkpoint").read_text() == "model_final.pth"
+    assert sorted(p.name for p in out.glob("*.pth")) == [
+        "model_0000019.pth", "model_0000039.pth", "model_0000059.pth", "model_final.pth"
+    ]
+    cfg = get_cfg()
+    cfg.merge_from_file(str(out / "config.yaml"))
+    assert (cfg.SOLVER.MAX_ITER, cfg.TEST.EVAL_PERIOD, cfg.OUTPUT_DIR) == (60, 20, str(runs.out))
+    assert "Starting training from iteration 0" in (out / "log.txt").read_text()
+
+
+def test_resume_continues_after_the_last_checkpoint_without_repeating_iterations(runs):
+    assert "Resuming from iteration 60" in runs.resume.stdout
+    assert "Starting training from iteration 60" in runs.resume.stdout
+    assert [m["iteration"] for m in read_metrics(runs.out)] == LOGGED_80
+    assert (runs.out / "model_0000079.pth").is_file() and (runs.out / "last_checkpoint").read_text() == "model_final.pth"
+
+
+def test_eval_only_reports_the_accuracy_training_reported_for_the_final_model(runs):
+    final_line = read_metrics(runs.after_60)[-1]
+    results = logged_classification(runs.evaluate.stdout)
+    assert (results["top1"], results["top5"]) == (final_line["classification/top1"], final_line["classification/top5"])
+    assert f"Evaluation results: {{'classification': {results}}}" in runs.evaluate.stdout
+    assert not list((runs.out.parent / "eval").glob("*.pth"))
+
+
+def test_an_unknown_config_key_fails_naming_the_key_and_the_nearest_valid_one(tmp_path):
+    proc = run_tool("train_net.py", "--config-file", CONFIG, "SOLVER.BASE_LRR", "0.1", "OUTPUT_DIR", str(tmp_path), expect_success=False)
+    assert proc.returncode != 0
+    assert "Non-existent config key: SOLVER.BASE_LRR (did you mean SOLVER.BASE_LR?)" in proc.stderr
+
+
+def test_a_missing_config_file_fails_naming_the_path(tmp_path):
+    proc = run_tool("train_net.py", "--config-file", "configs/digits/nope.yaml", expect_success=False)
+    assert proc.returncode != 0
+    assert "Config file not found: configs/digits/nope.yaml" in proc.stderr
