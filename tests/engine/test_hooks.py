@@ -220,11 +220,6 @@ def test_periodic_writer_takes_event_writers_only():
         hooks.PeriodicWriter([[]])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="async_write_metrics puts a gather's losses one gather late, at iterations the writers have already "
-    "passed, so intermediate metrics.json lines have no losses (only the last one does).",
-)
 def test_async_write_metrics_losses_reach_metrics_json_at_every_gather(tmp_path):
     path = tmp_path / "metrics.json"
     trainer = make_trainer(gather_metric_period=5, async_write_metrics=True)

@@ -18,7 +18,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from trainkit.checkpoint import Checkpointer
 from trainkit.config import CfgNode
-from trainkit.data import MetadataCatalog, build_test_loader, build_train_loader, set_train_loader_start
+from trainkit.data import (
+    MetadataCatalog,
+    build_test_loader,
+    build_train_loader,
+    get_train_loader_seed,
+    set_train_loader_start,
+)
 from trainkit.engine import hooks
 from trainkit.engine.train_loop import AMPTrainer, HookBase, SimpleTrainer, TrainerBase
 from trainkit.evaluation import ClassificationEvaluator, DatasetEvaluator, inference_on_dataset, print_csv_format
@@ -154,7 +160,7 @@ class DefaultTrainer(TrainerBase):
     ``build_evaluator``, ``build_hooks``, ``build_writers``).
 
     The default hooks, in order: IterationTimer, LRScheduler, PeriodicCheckpointer (``SOLVER.CHECKPOINT_PERIOD``),
-    EvalHook (``TEST.EVAL_PERIOD`` and after the last iteration), PeriodicWriter (``SOLVER.LOG_PERIOD``; main
+    PreemptionHandler (SIGTERM/SIGINT: finish the step, save, stop), EvalHook (``TEST.EVAL_PERIOD`` and after the last iteration), PeriodicWriter (``SOLVER.LOG_PERIOD``; main
     process only, last, so that it writes the evaluation results of the same iteration).
 
     Checkpoints hold the model, the optimizer, the LR scheduler, the grad scaler, the iteration, every hook's
@@ -203,7 +209,13 @@ class DefaultTrainer(TrainerBase):
 
     # ---- running -------------------------------------------------------------------------------------------
     def register_hooks(self, hooks_: Sequence[Optional[HookBase]]) -> None:
+        """Appends hooks, but keeps the PeriodicWriter last: metrics that later hooks put still reach the
+        writers in the same iteration."""
         super().register_hooks(hooks_)
+        writers = [h for h in self._hooks if isinstance(h, hooks.PeriodicWriter)]
+        if writers and self._hooks[-len(writers):] != writers:
+            self._hooks = [h for h in self._hooks if not isinstance(h, hooks.PeriodicWriter)] + writers
+            self._rebuild_dispatch()
         # The inner trainer calls after_backward from inside its step: give it this trainer's hooks.
         self._trainer._dispatch["after_backward"] = self._dispatch["after_backward"]
 
@@ -248,6 +260,7 @@ class DefaultTrainer(TrainerBase):
 
     def after_train(self) -> None:
         self._trainer.iter = self.iter
+        self._trainer.stop_reason = self.stop_reason
         self._trainer.after_train()  # writes the metrics still pending
         super().after_train()
 
@@ -255,13 +268,22 @@ class DefaultTrainer(TrainerBase):
     def state_dict(self) -> Dict[str, Any]:
         ret = super().state_dict()
         ret["_trainer"] = self._trainer.state_dict()
+        ret["_trainer"].pop("storage", None)  # the same storage as this trainer's, saved above
         # Every rank's RNG state: the rest of the run consumes them (dropout, augmentation in the main process).
         ret["rng"] = comm.all_gather(get_rng_state())
+        ret["data_seed"] = get_train_loader_seed(self.data_loader)
         return ret
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._trainer.load_state_dict(state_dict["_trainer"])
+        saved_seed, seed = state_dict.get("data_seed"), get_train_loader_seed(self.data_loader)
+        if saved_seed is not None and saved_seed != seed:
+            logger.warning(
+                "The checkpoint's training data seed is %d but this run's is %s: the data order after resuming "
+                "differs from the interrupted run's. Set SEED to a fixed value (>= 0) for an exact resume.",
+                saved_seed, seed,
+            )
         rng = state_dict.get("rng")
         if rng:
             if len(rng) != comm.get_world_size():
@@ -286,6 +308,7 @@ class DefaultTrainer(TrainerBase):
             hooks.IterationTimer(),
             hooks.LRScheduler(),
             hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD),
+            hooks.PreemptionHandler(self.checkpointer, check_period=cfg.SOLVER.LOG_PERIOD),
             hooks.EvalHook(cfg.TEST.EVAL_PERIOD, test_and_save_results),
             hooks.PeriodicWriter(self.build_writers(), period=cfg.SOLVER.LOG_PERIOD) if comm.is_main_process() else None,
         ]

@@ -5,6 +5,9 @@ the trainer's :class:`~trainkit.utils.events.EventStorage`.
 """
 import datetime
 import logging
+import os
+import signal
+import threading
 import time
 from typing import Any, Callable, Dict, Optional, Sequence
 
@@ -17,7 +20,15 @@ from trainkit.utils import comm
 from trainkit.utils.env import preserve_rng_state
 from trainkit.utils.events import EventWriter
 
-__all__ = ["CallbackHook", "IterationTimer", "LRScheduler", "PeriodicWriter", "PeriodicCheckpointer", "EvalHook"]
+__all__ = [
+    "CallbackHook",
+    "IterationTimer",
+    "LRScheduler",
+    "PeriodicWriter",
+    "PeriodicCheckpointer",
+    "PreemptionHandler",
+    "EvalHook",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -236,6 +247,77 @@ class PeriodicCheckpointer(_PeriodicCheckpointer, HookBase):
         if (it + 1) % self.period == 0 or it >= self.max_iter - 1:
             _flush_trainer_metrics(self.trainer)
         self.step(it)
+
+
+class PreemptionHandler(HookBase):
+    """Stops training cleanly on SIGTERM or SIGINT: the current iteration finishes, a checkpoint is saved,
+    training stops, and ``after_train`` flushes and closes the writers. A second signal ends the process at
+    once (the last complete checkpoint stays loadable: checkpoints are written atomically).
+
+    Resume with ``--resume`` (``DefaultTrainer.resume_or_load(resume=True)``): the run continues exactly
+    where the uninterrupted one would have been.
+
+    Signal handlers are installed in ``before_train`` (main thread only) and the previous ones restored in
+    ``after_train``. With several processes, each usually receives the signal at a slightly different
+    moment; they agree every ``check_period`` iterations (one small collective) and stop together.
+
+    Args:
+        checkpointer: saves ``model_{iteration:07d}``; its checkpointables should include the trainer.
+        signals: the signals that ask for a stop.
+        check_period: iterations between the processes' agreements (ignored with a single process, which
+            stops after the very iteration during which the signal came).
+    """
+
+    def __init__(self, checkpointer: Any, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT), check_period: int = 20) -> None:
+        self._checkpointer = checkpointer
+        self._signals = tuple(signals)
+        self._check_period = max(1, int(check_period))
+        self._received: Optional[str] = None
+        self._previous: Dict[int, Any] = {}
+
+    def before_train(self) -> None:
+        self._received = None
+        if threading.current_thread() is not threading.main_thread():
+            logger.warning("PreemptionHandler: not in the main thread, so no signal handlers are installed.")
+            return
+        for sig in self._signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self._received is not None:
+            logger.warning("Received %s again: exiting at once.", name)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self._received = name
+        logger.warning(
+            "Received %s: finishing the current iteration, then saving a checkpoint and stopping "
+            "(send it again to exit at once).", name
+        )
+
+    def after_step(self) -> None:
+        received = self._received is not None
+        if comm.get_world_size() > 1:
+            if (self.trainer.iter + 1) % self._check_period != 0:
+                return
+            received = any(comm.all_gather(received))
+        if not received or self.trainer.iter >= self.trainer.max_iter - 1:
+            return  # nothing asked, or the last iteration: the final checkpoint is saved anyway
+        _flush_trainer_metrics(self.trainer)
+        it = self.trainer.iter
+        self._checkpointer.save(f"model_{it:07d}", iteration=it)
+        reason = self._received or "a signal to another process"
+        self.trainer.request_stop(f"received {reason}")
+        logger.warning(
+            "Stopped by %s after iteration %d; saved checkpoint model_%07d. Run again with --resume to continue.",
+            reason, it, it,
+        )
+
+    def after_train(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 class EvalHook(HookBase):

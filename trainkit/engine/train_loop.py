@@ -78,7 +78,8 @@ class TrainerBase:
 
     Attributes:
         iter: the current iteration. Inside a step it equals ``storage.iter``. After training ends normally it
-            equals ``max_iter`` (already when ``after_train`` runs), so a hook can tell success from failure.
+            equals ``max_iter`` (already when ``after_train`` runs), so a hook can tell success from failure;
+            after :meth:`request_stop` it is the next iteration to run.
         start_iter: the iteration training started (or resumed) at.
         max_iter: the iteration training ends at (exclusive).
         storage: the :class:`EventStorage` of the run, open during :meth:`train`.
@@ -91,6 +92,8 @@ class TrainerBase:
         self.start_iter: int = 0
         self.max_iter: int = 0
         self.storage: EventStorage
+        self.stop_reason: Optional[str] = None
+        self._storage_state: Optional[Dict[str, Any]] = None  # loaded from a checkpoint, used by train()
 
     def register_hooks(self, hooks: Iterable[Optional[HookBase]]) -> None:
         """Appends hooks; ``None`` entries are skipped. Hooks run in registration order.
@@ -103,6 +106,9 @@ class TrainerBase:
                 raise TypeError(f"register_hooks() takes HookBase instances, got {type(h).__name__}: {h!r}")
             h.trainer = weakref.proxy(self)
         self._hooks.extend(hooks)
+        self._rebuild_dispatch()
+
+    def _rebuild_dispatch(self) -> None:
         # Call only the methods a hook overrides: an empty hook point then costs nothing per step.
         for point in _HOOK_POINTS:
             self._dispatch[point] = [
@@ -117,19 +123,36 @@ class TrainerBase:
         logger.info("Starting training from iteration %d", start_iter)
         self.iter = self.start_iter = start_iter
         self.max_iter = max_iter
+        self.stop_reason = None
         with EventStorage(start_iter) as self.storage:
+            if self._storage_state is not None:  # resuming: the metric histories continue
+                self.storage.load_state_dict(self._storage_state)
+                self._storage_state = None
             try:
                 self.before_train()
                 for self.iter in range(start_iter, max_iter):
                     self.before_step()
                     self.run_step()
                     self.after_step()
-                self.iter = max_iter
+                    if self.stop_reason is not None:
+                        logger.info("Training stopped after iteration %d: %s", self.iter, self.stop_reason)
+                        self.iter += 1
+                        break
+                else:
+                    self.iter = max_iter
             except Exception:
                 logger.exception("Exception during training at iteration %d:", self.iter)
                 raise
             finally:
                 self.after_train()
+
+    def request_stop(self, reason: str) -> None:
+        """Ends training after the current iteration: its ``after_step`` hooks still run, then ``after_train``.
+
+        ``iter`` is then the number of the next iteration to run (less than ``max_iter``), and
+        ``stop_reason`` holds ``reason``. Hooks use it for preemption and early stopping.
+        """
+        self.stop_reason = reason
 
     def before_train(self) -> None:
         for fn in self._dispatch["before_train"]:
@@ -159,8 +182,12 @@ class TrainerBase:
         raise NotImplementedError
 
     def state_dict(self) -> Dict[str, Any]:
-        """The iteration and the state of every hook that has one (keyed by the hook's qualified class name)."""
+        """The iteration, the metric histories and the state of every hook that has one (keyed by the hook's
+        qualified class name)."""
         ret: Dict[str, Any] = {"iteration": self.iter}
+        storage = getattr(self, "storage", None)
+        if storage is not None:
+            ret["storage"] = storage.state_dict()
         hooks_state = {}
         for h in self._hooks:
             sd = h.state_dict()
@@ -175,8 +202,10 @@ class TrainerBase:
         return ret
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restores the iteration and the hooks' states saved by :meth:`state_dict`."""
+        """Restores the iteration and the hooks' states saved by :meth:`state_dict`; the metric histories are
+        restored when :meth:`train` opens the storage."""
         self.iter = state_dict["iteration"]
+        self._storage_state = state_dict.get("storage")
         for key, value in state_dict.get("hooks", {}).items():
             for h in self._hooks:
                 if type(h).__qualname__ == key:
@@ -213,8 +242,10 @@ class SimpleTrainer(TrainerBase):
         optimizer: a torch optimizer.
         gather_metric_period: iterations between two metric gathers (default 20).
         zero_grad_before_forward: call ``optimizer.zero_grad()`` before the forward instead of after it.
-        async_write_metrics: move the gathered metrics to the host in a background thread; they reach the
-            storage one gather later (and at the end of training).
+        async_write_metrics: at a gather, move the metrics to the host on a background thread while the
+            optimizer step is launched; they reach the storage at the end of the same step, before the hooks.
+            Worth it on GPUs (the host does not stall before launching the step); a non-finite loss then
+            raises after that step instead of before it.
     """
 
     def __init__(
@@ -269,6 +300,7 @@ class SimpleTrainer(TrainerBase):
 
         self._record_metrics(loss_dict, losses, data_time)
         self.optimizer_step()
+        self._finish_gather()  # with async_write_metrics, the gather's transfer overlapped the optimizer step
 
     def autocast(self) -> Any:
         """The context the forward runs in: none here; :class:`AMPTrainer` autocasts."""
@@ -310,7 +342,7 @@ class SimpleTrainer(TrainerBase):
         self._pending_iters.append(self.iter)
         self._pending_data_time.append(data_time)
         if (self.iter + 1) % self.gather_metric_period == 0 or self.iter == self.max_iter - 1:
-            self.flush_metrics()
+            self._start_gather(reduce=True, in_background=self.async_write_metrics)
 
     def flush_metrics(self, reduce: bool = True) -> None:
         """Moves the pending per-iteration metrics into the storage now.
@@ -323,21 +355,28 @@ class SimpleTrainer(TrainerBase):
             reduce: average across processes. Only ``after_train`` passes False, when training failed and the
                 other ranks may not be there to meet.
         """
-        if self._pending_rows:
-            names, iters = self._pending_names, self._pending_iters
-            values = self._gather_on_device(reduce)
-            self._pending_iters = []
-            self._pending_rows, self._pending_data_time = [], []
-            previous, self._inflight = self._inflight, None
-            if previous is not None:
-                self._put_metrics(previous[0].result(), *previous[1:])
-            if self.async_write_metrics and self.iter < self.max_iter - 1:
-                if self._executor is None:
-                    self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="trainkit-metrics")
-                self._inflight = (self._executor.submit(values.tolist), names, iters)
-            else:
-                self._put_metrics(values.tolist(), names, iters)
-        elif self._inflight is not None:
+        self._start_gather(reduce, in_background=False)
+        self._finish_gather()
+
+    def _start_gather(self, reduce: bool, in_background: bool) -> None:
+        # Stacks (and reduces) the pending metrics on the device; the host transfer runs here, or on a
+        # background thread while the step goes on (the optimizer step's kernels get launched meanwhile).
+        self._finish_gather()
+        if not self._pending_rows:
+            return
+        names, iters = self._pending_names, self._pending_iters
+        values = self._gather_on_device(reduce)
+        self._pending_iters = []
+        self._pending_rows, self._pending_data_time = [], []
+        if in_background:
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="trainkit-metrics")
+            self._inflight = (self._executor.submit(values.tolist), names, iters)
+        else:
+            self._put_metrics(values.tolist(), names, iters)
+
+    def _finish_gather(self) -> None:
+        if self._inflight is not None:
             future, names, iters = self._inflight
             self._inflight = None
             self._put_metrics(future.result(), names, iters)
@@ -387,10 +426,11 @@ class SimpleTrainer(TrainerBase):
 
     def after_train(self) -> None:
         # Failed runs write what they have from this rank alone: other ranks may never reach a collective.
+        orderly = self.iter == self.max_iter or self.stop_reason is not None
         try:
-            self.flush_metrics(reduce=self.iter == self.max_iter)
+            self.flush_metrics(reduce=orderly)
         except FloatingPointError:
-            if self.iter == self.max_iter:
+            if orderly:
                 raise
         finally:
             if self._executor is not None:

@@ -95,6 +95,22 @@ class HistoryBuffer:
         """The kept ``(value, iteration)`` pairs, oldest first."""
         return list(self._data)
 
+    def state_dict(self) -> Dict[str, Any]:
+        """The kept values and the running count and sum (plain Python data)."""
+        return {
+            "values": [v for v, _ in self._data],
+            "iterations": [i for _, i in self._data],
+            "count": self._count,
+            "sum": self._global_sum,
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restores what :meth:`state_dict` returned."""
+        self._data.clear()
+        self._data.extend(zip(state["values"], state["iterations"]))
+        self._count = state["count"]
+        self._global_sum = state["sum"]
+
 
 def get_event_storage() -> "EventStorage":
     """Returns the current :class:`EventStorage` (the innermost ``with EventStorage(...)``).
@@ -296,6 +312,23 @@ class EventStorage:
         """``{name: smoothing_hint}`` for every scalar name."""
         return self._smoothing_hints
 
+    # ---- saving and restoring ------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """The scalar histories (bounded) and smoothing hints, so that a resumed run's smoothed metrics and
+        global averages continue exactly. Images, histograms and the latest-value table are not included:
+        the resumed run only writes what it puts itself."""
+        self._materialize()
+        return {
+            "history": {name: buf.state_dict() for name, buf in self._history.items()},
+            "smoothing_hints": dict(self._smoothing_hints),
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restores the histories saved by :meth:`state_dict` (before anything is put)."""
+        for name, buf_state in state["history"].items():
+            self._buffer(name).load_state_dict(buf_state)
+        self._smoothing_hints.update(state["smoothing_hints"])
+
     # ---- iteration and scoping -----------------------------------------------------------------------------
     def step(self) -> None:
         """Advances the current iteration by one."""
@@ -368,19 +401,63 @@ class JSONWriter(EventWriter):
     write is one ``write()`` call of whole lines followed by a flush, so a process killed at any moment
     leaves whole lines in the file (the kernel has them; only a power cut could lose the newest ones).
 
+    The file is opened at the first write, when the storage's ``start_iter`` is known:
+
+    * resuming (``start_iter > 0``): lines of iterations ``>= start_iter`` are dropped (a run killed after
+      its last checkpoint wrote them; the resumed run writes them again), and so is a trailing partial line;
+    * starting from iteration 0 over an existing non-empty file: the old file is kept as
+      ``<json_file>.<n>.bak`` and a new one started.
+
     Args:
-        json_file: path of the file; opened in append mode.
+        json_file: path of the file.
         window_size: window of the median for metrics with a smoothing hint.
     """
 
     def __init__(self, json_file: str, window_size: int = 20) -> None:
         self._path = json_file
-        self._file_handle = open(json_file, "a")
+        self._file_handle: Optional[Any] = None
         self._window_size = window_size
         self._last_write = -1
 
+    def _open(self, start_iter: int) -> None:
+        if os.path.exists(self._path) and os.path.getsize(self._path) > 0:
+            if start_iter > 0:
+                self._drop_lines_from(start_iter)
+            else:
+                n = 1
+                while os.path.exists(f"{self._path}.{n}.bak"):
+                    n += 1
+                os.replace(self._path, f"{self._path}.{n}.bak")
+                logger.warning("%s existed; training starts at iteration 0, so it was moved to %s.bak",
+                               self._path, f"{self._path}.{n}")
+        self._file_handle = open(self._path, "a")
+
+    def _drop_lines_from(self, start_iter: int) -> None:
+        with open(self._path) as f:
+            text = f.read()
+        lines = text.split("\n")
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line)["iteration"] < start_iter:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                pass  # a line cut short by a crash, or not ours
+        if len(kept) != sum(1 for line in lines if line) or not text.endswith("\n"):
+            logger.info("%s: keeping the %d lines before iteration %d (the resumed run writes the rest again).",
+                        self._path, len(kept), start_iter)
+            tmp = f"{self._path}.tmp"
+            with open(tmp, "w") as f:
+                f.write("".join(kept))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._path)
+
     def write(self) -> None:
-        new = _new_scalars_by_iter(get_event_storage(), self._window_size, self._last_write)
+        storage = get_event_storage()
+        if self._file_handle is None:
+            self._open(storage.start_iter)
+        new = _new_scalars_by_iter(storage, self._window_size, self._last_write)
         if not new:
             return
         lines = "".join(json.dumps({**scalars, "iteration": itr}, sort_keys=True) + "\n" for itr, scalars in new.items())
@@ -389,7 +466,8 @@ class JSONWriter(EventWriter):
         self._last_write = max(new)
 
     def close(self) -> None:
-        self._file_handle.close()
+        if self._file_handle is not None:
+            self._file_handle.close()
 
 
 class TensorboardXWriter(EventWriter):
@@ -402,14 +480,25 @@ class TensorboardXWriter(EventWriter):
     """
 
     def __init__(self, log_dir: str, window_size: int = 20, **kwargs: Any) -> None:
+        self._log_dir = log_dir
+        self._kwargs = kwargs
+        self._window_size = window_size
+        self._writer: Optional[Any] = None
+        self._last_write = -1
+
+    def _open(self, start_iter: int) -> None:
         from torch.utils.tensorboard import SummaryWriter  # slow import: only when used
 
-        self._window_size = window_size
-        self._writer = SummaryWriter(log_dir, **kwargs)
-        self._last_write = -1
+        # A resumed run tells TensorBoard to hide the steps >= start_iter that an interrupted run wrote.
+        kwargs = dict(self._kwargs)
+        if start_iter > 0:
+            kwargs.setdefault("purge_step", start_iter)
+        self._writer = SummaryWriter(self._log_dir, **kwargs)
 
     def write(self) -> None:
         storage = get_event_storage()
+        if self._writer is None:
+            self._open(storage.start_iter)
         new = _new_scalars_by_iter(storage, self._window_size, self._last_write)
         for itr, scalars in new.items():
             for name, value in scalars.items():
@@ -427,7 +516,8 @@ class TensorboardXWriter(EventWriter):
         self._writer.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        if self._writer is not None:
+            self._writer.close()
 
 
 class CommonMetricPrinter(EventWriter):
