@@ -17,6 +17,7 @@ from tests.engine.test_train_loop import _TransferCounter
 from trainkit.utils.events import (
     CommonMetricPrinter,
     EventStorage,
+    HistoryBuffer,
     JSONWriter,
     TensorboardXWriter,
     get_event_storage,
@@ -148,6 +149,56 @@ def test_global_avg_is_the_mean_of_every_value_put_in_put_order():
             storage.put_scalar("x", torch.tensor(v, dtype=torch.float64) if i % 3 else v)
         assert storage.history("x").global_avg() == sum(values) / len(values)
         assert _values(storage, "x") == values[-10:]
+
+
+def _put_run(storage, iterations, rng):
+    # Losses (tensors and numbers, smoothed) and an lr (raw) at each iteration, as a trainer puts them.
+    for it in iterations:
+        storage.iter = it
+        loss = rng.uniform(0, 3)
+        storage.put_scalar("total_loss", torch.tensor(loss, dtype=torch.float64) if it % 2 else loss)
+        storage.put_scalar("lr", 0.1 / (it + 1), smoothing_hint=False)
+
+
+def _statistics(storage):
+    return {
+        name: (h.values(), h.median(4), h.median(20), h.avg(3), h.global_avg(), h.global_count(), h.latest())
+        for name, h in storage.histories().items()
+    }
+
+
+def test_storage_state_dict_survives_a_weights_only_checkpoint_and_continues_exactly(tmp_path):
+    with EventStorage(max_history=8) as straight:  # an uninterrupted run of 30 iterations
+        _put_run(straight, range(30), random.Random(0))
+    rng = random.Random(0)
+    with EventStorage(max_history=8) as first:  # the same run, stopped after iteration 19
+        _put_run(first, range(20), rng)
+        torch.save({"trainer": {"storage": first.state_dict()}}, tmp_path / "ckpt.pth")
+        saved = _statistics(first)
+    state = torch.load(tmp_path / "ckpt.pth", weights_only=True)["trainer"]["storage"]
+    with EventStorage(start_iter=20, max_history=8) as resumed:
+        resumed.load_state_dict(state)
+        assert _statistics(resumed) == saved
+        assert resumed.history("total_loss").global_count() == 20  # 12 values no longer kept still count
+        assert resumed.smoothing_hints() == {"total_loss": True, "lr": False}
+        with pytest.raises(ValueError, match="'lr' was put with smoothing_hint=False before"):
+            resumed.put_scalar("lr", 0.5)  # the restored hints are enforced
+        _put_run(resumed, range(20, 30), rng)
+        assert _statistics(resumed) == _statistics(straight)
+        assert resumed.latest_with_smoothing_hint(4) == straight.latest_with_smoothing_hint(4)
+
+
+def test_history_buffer_state_dict_is_plain_data_and_round_trips():
+    buf = HistoryBuffer(max_length=3)
+    for i, v in enumerate([0.5, 2.0, 8.0, 1.0, 4.0]):
+        buf.update(v, iteration=10 + i)
+    state = buf.state_dict()
+    assert state == {"values": [8.0, 1.0, 4.0], "iterations": [12, 13, 14], "count": 5, "sum": 15.5}
+    copy = HistoryBuffer(max_length=3)
+    copy.load_state_dict(state)
+    assert (copy.values(), copy.median(3), copy.global_avg(), copy.global_count()) == (
+        [(8.0, 12), (1.0, 13), (4.0, 14)], 4.0, 3.1, 5
+    )
 
 
 def _train_like_puts(storage, iterations):
@@ -299,6 +350,105 @@ def test_json_writer_appends_to_an_existing_file(tmp_path):
     assert _read_json_lines(path) == [{"iteration": 3, "loss": 2.0}, {"iteration": 4, "loss": 1.5}]
 
 
+def _write_iterations(path, start_iter, iterations):
+    # A run that starts (or resumes) at start_iter and writes `loss = iteration` at each given iteration.
+    with EventStorage(start_iter=start_iter) as storage:
+        writer = JSONWriter(str(path), window_size=1)
+        for it in iterations:
+            storage.put_scalar("loss", float(it), cur_iter=it)
+            writer.write()
+        writer.close()
+
+
+_OLD_RUN = (
+    '{"iteration": 9, "loss": 9.0}\n'
+    '{"iteration": 19, "loss": 19.0}\n'
+    '{"iteration": 19, "val/acc": 0.5}\n'
+    '{"iteration": 29, "loss": 29.0}\n'
+    '{"iteration": 39, "loss": 39.0}\n'
+)
+
+
+def test_json_writer_resuming_drops_the_lines_of_iterations_from_start_iter_on(tmp_path):
+    # The interrupted run wrote up to 39, but its last checkpoint was at 19: the resumed run starts at 20.
+    path = tmp_path / "metrics.json"
+    path.write_text(_OLD_RUN)
+    _write_iterations(path, 20, [20, 25, 29])
+    assert path.read_text().splitlines()[:3] == _OLD_RUN.splitlines()[:3]  # kept lines are untouched
+    assert [(m["iteration"], m.get("loss")) for m in _read_json_lines(path)] == [
+        (9, 9.0), (19, 19.0), (19, None), (20, 20.0), (25, 25.0), (29, 29.0)
+    ]
+    assert list(tmp_path.iterdir()) == [path]  # no .bak, no leftover temporary file
+
+
+def test_json_writer_resuming_after_the_last_written_iteration_leaves_the_file_as_it_was(tmp_path):
+    path = tmp_path / "metrics.json"
+    path.write_text(_OLD_RUN)
+    inode = path.stat().st_ino
+    _write_iterations(path, 40, [49])
+    assert path.read_text() == _OLD_RUN + '{"iteration": 49, "loss": 49.0}\n'
+    assert path.stat().st_ino == inode  # appended to, not rewritten
+
+
+@pytest.mark.parametrize("cut", ['{"iteration": 29, "lo', '{"iteration": 29, "loss": 29.0', "{"])
+def test_json_writer_resuming_drops_a_line_cut_short_by_a_crash(tmp_path, cut):
+    path = tmp_path / "metrics.json"
+    path.write_text('{"iteration": 9, "loss": 9.0}\n{"iteration": 19, "loss": 19.0}\n' + cut)
+    _write_iterations(path, 30, [39])
+    assert path.read_text() == (
+        '{"iteration": 9, "loss": 9.0}\n{"iteration": 19, "loss": 19.0}\n{"iteration": 39, "loss": 39.0}\n'
+    )
+
+
+def test_json_writer_resuming_after_a_whole_line_without_its_newline_keeps_the_lines_apart(tmp_path):
+    # Killed between the last "}" and its "\n": a line of a superseded iteration is dropped like any other;
+    # a whole line of an earlier iteration is complete data, kept, and ended so that new lines start on
+    # their own line.
+    path = tmp_path / "metrics.json"
+    path.write_text('{"iteration": 9, "loss": 9.0}\n{"iteration": 19, "loss": 19.0}')
+    _write_iterations(path, 10, [10])
+    assert path.read_text() == '{"iteration": 9, "loss": 9.0}\n{"iteration": 10, "loss": 10.0}\n'
+
+    path.write_text('{"iteration": 9, "loss": 9.0}\n{"iteration": 19, "loss": 19.0}')
+    _write_iterations(path, 20, [29])
+    assert path.read_text() == (
+        '{"iteration": 9, "loss": 9.0}\n{"iteration": 19, "loss": 19.0}\n{"iteration": 29, "loss": 29.0}\n'
+    )
+
+
+def test_json_writer_starting_at_iteration_0_moves_an_old_file_to_a_numbered_bak(tmp_path):
+    path = tmp_path / "metrics.json"
+    old = _OLD_RUN.encode() + b'{"iteration": 49, "lo'  # any bytes, even a partial line, are preserved
+    path.write_bytes(old)
+    _write_iterations(path, 0, [0, 9])
+    assert (tmp_path / "metrics.json.1.bak").read_bytes() == old
+    assert path.read_text() == '{"iteration": 0, "loss": 0.0}\n{"iteration": 9, "loss": 9.0}\n'
+
+    _write_iterations(path, 0, [4])  # a third run from scratch: the second run's file becomes .2.bak
+    assert (tmp_path / "metrics.json.1.bak").read_bytes() == old
+    assert (tmp_path / "metrics.json.2.bak").read_text() == (
+        '{"iteration": 0, "loss": 0.0}\n{"iteration": 9, "loss": 9.0}\n'
+    )
+    assert path.read_text() == '{"iteration": 4, "loss": 4.0}\n'
+
+
+def test_json_writer_starting_at_iteration_0_over_an_empty_file_makes_no_bak(tmp_path):
+    path = tmp_path / "metrics.json"
+    path.write_text("")
+    _write_iterations(path, 0, [0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+    assert path.read_text() == '{"iteration": 0, "loss": 0.0}\n'
+
+
+def test_json_writer_touches_no_file_before_its_first_write(tmp_path):
+    # A run that fails before its first write leaves the previous run's metrics where they were.
+    path = tmp_path / "metrics.json"
+    path.write_text(_OLD_RUN)
+    with EventStorage(start_iter=0):
+        JSONWriter(str(path)).close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"] and path.read_text() == _OLD_RUN
+
+
 # ---- TensorboardXWriter -----------------------------------------------------------------------------------------------
 def _load_tensorboard(log_dir):
     guidance = {
@@ -356,6 +506,34 @@ def test_tensorboard_writer_writes_images_and_histograms_once(tmp_path):
     assert hist.step == 8
     assert (h.min, h.max, h.num, h.sum, h.sum_squares) == (0.0, 3.0, 6, 7.5, 15.25)
     assert list(h.bucket_limit) == [1.0, 2.0, 3.0] and list(h.bucket) == [2.0, 2.0, 2.0]
+
+
+def _tensorboard_run(log_dir, start_iter, iterations, offset):
+    # One run: `loss = offset + iteration` written at every iteration.
+    with EventStorage(start_iter=start_iter) as storage:
+        writer = TensorboardXWriter(str(log_dir), window_size=1)
+        for it in iterations:
+            storage.put_scalar("loss", float(offset + it), cur_iter=it)
+            writer.write()
+        writer.close()
+
+
+def test_tensorboard_writer_resuming_hides_the_steps_the_interrupted_run_wrote_after_start_iter(tmp_path):
+    _tensorboard_run(tmp_path, 0, range(10), offset=0)  # wrote 0..9, but its last checkpoint was at 4
+    _tensorboard_run(tmp_path, 5, range(5, 8), offset=100)  # the resumed run
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 2
+    acc = _load_tensorboard(tmp_path)
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [
+        (0, 0.0), (1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 105.0), (6, 106.0), (7, 107.0)
+    ]
+
+
+def test_tensorboard_writer_starting_at_0_does_not_purge(tmp_path):
+    # Without purge_step (start_iter 0) TensorBoard keeps both runs' points: a fresh run belongs in a new folder.
+    _tensorboard_run(tmp_path, 0, range(3), offset=0)
+    _tensorboard_run(tmp_path, 0, range(2), offset=100)
+    steps = sorted(e.step for e in _load_tensorboard(tmp_path).Scalars("loss"))
+    assert steps == [0, 0, 1, 1, 2]
 
 
 # ---- CommonMetricPrinter ---------------------------------------------------------------------------------------------
