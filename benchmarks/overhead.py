@@ -104,7 +104,7 @@ def measure(workload: str, variant: str, iters: int, repeats: int, tmp: str) -> 
         times = [0.0, 0.0]
         for which in order:
             model, data, opt, sched = make_workload(workload)
-            path = os.path.join(tmp, f"{workload}_{variant}_{which}.json")
+            path = os.path.join(tmp, f"{workload}_{variant}_{which}_{r}.json")
             gc.collect()
             if which == 0:
                 times[0] = hand_loop(model, data, opt, sched, iters, with_extras, path)
