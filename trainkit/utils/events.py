@@ -172,7 +172,8 @@ class EventStorage:
         """
         name = self._current_prefix + name
         cur_iter = self._iter if cur_iter is None else int(cur_iter)
-        self._check_hint(name, smoothing_hint)
+        if self._smoothing_hints.get(name) is not smoothing_hint:  # inlined: this runs several times a step
+            self._check_hint(name, bool(smoothing_hint))
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
                 raise ValueError(
@@ -186,7 +187,12 @@ class EventStorage:
             # Keep the order of puts: a number put after a pending tensor waits behind it.
             self._pending.append((name, float(value), cur_iter))
         else:
-            self._add(name, float(value), cur_iter)
+            value = float(value)
+            buf = self._history.get(name)
+            if buf is None:
+                buf = self._history[name] = HistoryBuffer(self._max_history)
+            buf.update(value, cur_iter)
+            self._latest_scalars[name] = (value, cur_iter)
             return
         if len(self._pending) >= self.MAX_PENDING:
             self._materialize()
@@ -552,6 +558,8 @@ class CommonMetricPrinter(EventWriter):
         return None if seconds is None else str(datetime.timedelta(seconds=int(seconds)))
 
     def write(self) -> None:
+        if not logger.isEnabledFor(logging.INFO):
+            return  # nobody would see the line: do not compute it
         storage = get_event_storage()
         iteration = storage.iter
         if self._max_iter is not None and iteration >= self._max_iter:
