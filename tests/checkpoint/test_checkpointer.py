@@ -166,10 +166,10 @@ def test_checkpointable_that_rejects_its_state_raises_naming_it_and_the_file(tmp
         Checkpointer(other_model, optimizer=fewer_params).load(str(tmp_path / "m.pth"))
 
 
-def test_empty_path_warns_and_loads_nothing(caplog):
+def test_empty_path_says_so_and_loads_nothing(caplog):
     model = _mlp()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with caplog.at_level(logging.WARNING, logger="trainkit.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="trainkit.checkpoint"):
         assert Checkpointer(model).load("") == {}
     assert "No checkpoint file given" in caplog.text
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

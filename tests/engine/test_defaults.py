@@ -298,11 +298,6 @@ def test_resume_continues_after_the_checkpointed_iteration(tmp_path, info_logs):
     assert [m["iteration"] for m in read_metrics(tmp_path)] == [9, 19, 29, 39]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="EvalHook evaluates after the last iteration from after_step, so a resumed run with no iteration "
-    "left does not evaluate and train() returns None; detectron2 evaluates in after_train in that case.",
-)
 def test_resuming_a_finished_run_evaluates_the_final_model(tmp_path):
     _, first = train(digits_cfg(tmp_path, "SOLVER.MAX_ITER", "20"))
     trainer, again = train(digits_cfg(tmp_path, "SOLVER.MAX_ITER", "20"), resume=True)

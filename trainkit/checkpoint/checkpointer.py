@@ -174,7 +174,7 @@ class Checkpointer:
             CheckpointError: the file is not a valid checkpoint, or a checkpointable rejected its state.
         """
         if not path:
-            logger.warning("No checkpoint file given: the model keeps its initial weights.")
+            logger.info("No checkpoint file given: the model keeps its initial weights.")
             return {}
         names = self._checked_names(checkpointables)
         logger.info("Loading checkpoint from %s", path)

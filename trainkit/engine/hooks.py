@@ -335,6 +335,7 @@ class EvalHook(HookBase):
     """
 
     def __init__(self, eval_period: int, eval_function: Callable[[], Any], eval_after_train: bool = True) -> None:
+        self._evaluated_final = False
         self._period = eval_period
         self._func = eval_function
         self._eval_after_train = eval_after_train
@@ -358,13 +359,20 @@ class EvalHook(HookBase):
         # Evaluation may take different times on different ranks: meet before training continues.
         comm.synchronize()
 
+    def before_train(self) -> None:
+        self._evaluated_final = False
+
     def after_step(self) -> None:
         next_iter = self.trainer.iter + 1
         is_final = next_iter == self.trainer.max_iter
         if (self._period > 0 and next_iter % self._period == 0) or (is_final and self._eval_after_train):
             _flush_trainer_metrics(self.trainer)
             self._do_eval()
+            self._evaluated_final = is_final
 
     def after_train(self) -> None:
+        # A resumed run that had no iteration left still evaluates the final model (at iteration max_iter).
+        if self._eval_after_train and self.trainer.iter == self.trainer.max_iter and not self._evaluated_final:
+            self._do_eval()
         # The function usually closes over big objects (model, data): release them once training is over.
         self._func = None  # type: ignore[assignment]
