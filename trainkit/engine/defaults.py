@@ -224,6 +224,11 @@ class DefaultTrainer(TrainerBase):
         ``MODEL.WEIGHTS`` (if set) and starts at iteration 0.
 
         Resuming restores everything and makes the training data continue from the saved iteration.
+        With several processes every process calls it, and reads the checkpoint itself.
+
+        Raises:
+            RuntimeError: the processes would start at different iterations (some did not find the checkpoint,
+                e.g. an OUTPUT_DIR that is not shared between machines); otherwise they would deadlock.
         """
         has_checkpoint = resume and self.checkpointer.has_checkpoint()
         if resume and not has_checkpoint:
@@ -233,6 +238,14 @@ class DefaultTrainer(TrainerBase):
             # load_state_dict set self.iter to the last finished iteration.
             self.start_iter = self.iter + 1
             logger.info("Resuming from iteration %d", self.start_iter)
+        start_iters = comm.all_gather(self.start_iter)
+        if len(set(start_iters)) > 1:
+            raise RuntimeError(
+                f"The processes would start training at different iterations (by rank: {start_iters}): not all of "
+                f"them found the checkpoint in OUTPUT_DIR={self.cfg.OUTPUT_DIR!r}. Put OUTPUT_DIR on a file "
+                "system that every machine shares, or copy the checkpoint and its last_checkpoint tag to that "
+                "path on every machine."
+            )
         if self.start_iter > 0 and not set_train_loader_start(self.data_loader, self.start_iter):
             logger.warning(
                 "The training loader is not one of trainkit's: its data order restarts from the beginning "
