@@ -21,6 +21,7 @@ import re
 import shutil
 import statistics
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -45,6 +46,7 @@ NUM_TEST_SAMPLES = 1000  # synthetic_test
 LOSS_ITERS = [3, 7, 11, 15, 19]
 METRICS_ITERS = [3, 7, 9, 11, 15, 19]
 TIMINGS = ("time", "data_time", "eta_seconds")
+COLLECTIVE_TIMEOUT = timedelta(seconds=120)  # a deadlock fails the test in minutes, not in launch's default 30
 
 
 def _cfg(output_dir: str, *opts: Any):
@@ -155,12 +157,30 @@ def _two_process_worker(root: str) -> None:
         Path(resumed.OUTPUT_DIR, "metrics.json").write_text("".join(written))
     comm.synchronize()
     _train(resumed, resume=True)
+    _resume_where_only_rank_0_sees_the_checkpoint(root)
+
+
+def _resume_where_only_rank_0_sees_the_checkpoint(root: str) -> None:
+    # Two machines without a shared OUTPUT_DIR: at the same path, machine 1 has an empty folder.
+    output_dir = os.path.join(root, f"machine{comm.get_rank()}")
+    os.makedirs(output_dir)
+    if comm.is_main_process():
+        shutil.copy(os.path.join(root, "uninterrupted", CHECKPOINT), output_dir)
+        Path(output_dir, "last_checkpoint").write_text(CHECKPOINT)
+    comm.synchronize()
+    trainer = DefaultTrainer(_cfg(output_dir))
+    try:
+        trainer.resume_or_load(resume=True)
+        error = None
+    except RuntimeError as e:
+        error = str(e)
+    _write_json(Path(root, f"unshared_resume_rank{comm.get_rank()}.json"), error)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("distributed")
-    launch(_two_process_worker, num_gpus_per_machine=2, args=(str(root),))
+    launch(_two_process_worker, num_gpus_per_machine=2, args=(str(root),), timeout=COLLECTIVE_TIMEOUT)
     cfg = _cfg(str(root / "single"))
     seed_all_rng(cfg.SEED)  # what default_setup does on rank 0
     trainer = RecordingTrainer(cfg)
@@ -319,6 +339,17 @@ def test_resumed_run_continues_on_every_rank_and_ends_with_the_uninterrupted_wei
                      "model_0000019.pth", "model_final.pth"]
 
 
+def test_resuming_when_only_some_processes_see_the_checkpoint_fails_on_every_rank_instead_of_deadlocking(runs):
+    # Rank 0 would resume at 10 and rank 1 start at 0: their collectives would never match again.
+    message = (f"The processes would start training at different iterations (by rank: [10, 0]): not all of them "
+               f"found the checkpoint in OUTPUT_DIR='{runs / 'machine{rank}'}'. Put OUTPUT_DIR on a file system "
+               "that every machine shares, or copy the checkpoint and its last_checkpoint tag to that path on "
+               "every machine.")
+    for rank in range(2):
+        error = json.loads((runs / f"unshared_resume_rank{rank}.json").read_text())
+        assert error == message.replace("{rank}", str(rank))
+
+
 def test_train_net_with_two_processes_end_to_end(tmp_path):
     output_dir = tmp_path / "out"
     proc = run_tool("train_net.py", "--num-gpus", "2", "--config-file", CONFIG, "SOLVER.MAX_ITER", "40",
@@ -343,7 +374,7 @@ def test_batch_size_not_divisible_by_the_number_of_processes_fails_through_launc
     message = ("SOLVER.IMS_PER_BATCH (15) is the total batch size over all processes and must be a positive "
                "multiple of the number of processes (2). Set it to a multiple of 2.")
     with pytest.raises(mp.ProcessRaisedException, match=re.escape(message)):
-        launch(_build_trainer, num_gpus_per_machine=2, args=(str(tmp_path),))
+        launch(_build_trainer, num_gpus_per_machine=2, args=(str(tmp_path),), timeout=COLLECTIVE_TIMEOUT)
 
 
 class _FailOnRank1(HookBase):
@@ -368,6 +399,6 @@ def test_a_failure_on_one_rank_ends_the_run_with_that_rank_error_instead_of_a_de
     # killed a rank that ignored its SIGTERM (DefaultTrainer's PreemptionHandler catches SIGTERM).
     start = time.monotonic()
     with pytest.raises(mp.ProcessRaisedException, match="rank 1 failed on purpose at iteration 5") as info:
-        launch(_train_and_fail_on_rank_1, num_gpus_per_machine=2, args=(str(tmp_path),))
+        launch(_train_and_fail_on_rank_1, num_gpus_per_machine=2, args=(str(tmp_path),), timeout=COLLECTIVE_TIMEOUT)
     assert info.value.error_index == 1
     assert time.monotonic() - start < 30
