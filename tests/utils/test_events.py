@@ -528,6 +528,13 @@ def test_tensorboard_writer_resuming_hides_the_steps_the_interrupted_run_wrote_a
     ]
 
 
+def test_tensorboard_event_file_cut_short_by_a_kill_reads_up_to_its_last_whole_record(tmp_path):
+    _tensorboard_run(tmp_path, 0, range(10), offset=0)
+    [events_file] = tmp_path.glob("events.out.tfevents.*")
+    events_file.write_bytes(events_file.read_bytes()[:-7])  # the last record (step 9) loses its tail
+    assert [e.step for e in _load_tensorboard(tmp_path).Scalars("loss")] == list(range(9))
+
+
 def test_tensorboard_writer_starting_at_0_does_not_purge(tmp_path):
     # Without purge_step (start_iter 0) TensorBoard keeps both runs' points: a fresh run belongs in a new folder.
     _tensorboard_run(tmp_path, 0, range(3), offset=0)
