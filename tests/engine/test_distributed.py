@@ -6,7 +6,8 @@ the run's folder; the tests read them back here:
 * run ``uninterrupted``: 20 iterations, checkpoints at 9 and 19, evaluation at 9 and 19; then, on the final
   weights, ``DefaultTrainer.test`` on a plain (unwrapped) model as ``train_net.py --eval-only`` does it;
 * run ``resumed``: a fresh folder holding what a run stopped after iteration 9 leaves behind that matters
-  (``model_0000009.pth``, its ``last_checkpoint`` tag, the metrics.json lines up to 9), resumed to 20.
+  (``model_0000009.pth``, its ``last_checkpoint`` tag, the metrics.json lines up to 9), resumed to 20;
+* a resume where only rank 0 finds the checkpoint (two machines without a shared ``OUTPUT_DIR``).
 
 The single-process reference runs in this process with the same config (same total batch). Each run's
 per-rank records live in ``<OUTPUT_DIR>.records``, so that ``OUTPUT_DIR`` holds exactly what the trainer wrote.
