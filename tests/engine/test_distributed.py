@@ -87,8 +87,9 @@ class _Recorder(HookBase):
         self._save_weights("final")
         storage = self.trainer.storage  # what this rank put into its storage: the values averaged over ranks
         averaged = {name: storage.history(name).values() for name in ("total_loss", "data_time")}
+        evaluation = {k: h.latest() for k, h in storage.histories().items() if k.startswith("classification/")}
         record = {"start_iter": self.trainer.start_iter, "losses": self._losses, "averaged": averaged,
-                  "pid": os.getpid()}
+                  "evaluation": evaluation, "pid": os.getpid()}
         (self._records / f"train_rank{comm.get_rank()}.json").write_text(json.dumps(record))
 
 
@@ -308,6 +309,13 @@ def test_evaluation_in_two_processes_equals_evaluation_in_one(runs):
     last = read_metrics(runs / "uninterrupted")[-1]
     assert [last["classification/top1"], last["classification/top5"]] == [
         expected["classification"]["top1"], expected["classification"]["top5"]]
+
+
+def test_every_rank_stores_the_main_process_evaluation_results(runs):
+    # Hooks that decide from evaluation results (best checkpoint, early stopping) then decide alike everywhere.
+    rank0, rank1 = (_record(runs, "uninterrupted", rank)["evaluation"] for rank in (0, 1))
+    assert set(rank0) == {"classification/top1", "classification/top5"}
+    assert rank1 == rank0
 
 
 def test_resumed_run_continues_on_every_rank_and_ends_with_the_uninterrupted_weights(runs):

@@ -58,7 +58,14 @@ def create_ddp_model(model: nn.Module, *, fp16_compression: bool = False, **kwar
     """
     if comm.get_world_size() == 1:
         return model
-    if "device_ids" not in kwargs and next(model.parameters()).is_cuda:
+    on_cuda = next(model.parameters()).is_cuda
+    if not on_cuda and torch.distributed.get_backend() == torch.distributed.Backend.NCCL:
+        raise ValueError(
+            "The process group uses NCCL, which only communicates CUDA tensors, but the model is on the CPU "
+            "(MODEL.DEVICE cpu). Set MODEL.DEVICE cuda, or hide the GPUs (CUDA_VISIBLE_DEVICES=) so that "
+            "launch() starts CPU processes with gloo."
+        )
+    if "device_ids" not in kwargs and on_cuda:
         kwargs["device_ids"] = [comm.get_local_rank()]
     ddp = DistributedDataParallel(model, **kwargs)
     if fp16_compression:

@@ -272,10 +272,11 @@ def _create_local_process_group(machine_id: int) -> None:
 
 def _die_with_parent() -> None:
     # torch asks the kernel to send SIGINT to a spawned worker whose parent dies, but a worker blocked inside a
-    # collective never gets back to Python to handle it. SIGTERM's default action ends it wherever it is.
+    # collective never gets back to Python to handle it. SIGKILL ends it wherever it is (SIGTERM would not:
+    # trainkit's PreemptionHandler installs a Python handler for it).
     set_pdeathsig = getattr(mp, "_prctl_pr_set_pdeathsig", None)
     if set_pdeathsig is not None:
-        set_pdeathsig(signal.SIGTERM)
+        set_pdeathsig(signal.SIGKILL)
 
 
 def _record_failure(path: str) -> None:
