@@ -74,14 +74,16 @@ class Checkpointer:
 
     # ----------------------------------------------------------------------------------------- saving
 
-    def save(self, name: str, **extra: Any) -> Optional[str]:
-        """Write ``{save_dir}/{name}.pth`` atomically and tag it as the last checkpoint.
+    def save(self, name: str, *, tag: bool = True, **extra: Any) -> Optional[str]:
+        """Write ``{save_dir}/{name}.pth`` atomically and (by default) tag it as the last checkpoint.
 
         Does nothing when ``save_dir`` is empty. With ``save_to_disk`` false it collects the state (so that
         collectives inside ``state_dict()`` meet on every process) but writes nothing.
 
         Args:
             name: file name without the ``.pth`` extension, e.g. ``"model_0000999"``.
+            tag: point the ``last_checkpoint`` tag at this file. Pass False for side files, such as the best
+                model so far, that a resumed run must not start from.
             **extra: more data to store, e.g. ``iteration=999``; tensors and plain Python data only.
 
         Returns:
@@ -113,7 +115,8 @@ class Checkpointer:
         path = os.path.join(self.save_dir, basename)
         logger.info("Saving checkpoint to %s", path)
         atomic_save(data, path)
-        self.tag_last_checkpoint(basename)
+        if tag:
+            self.tag_last_checkpoint(basename)
         return path
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
