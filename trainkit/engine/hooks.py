@@ -409,7 +409,9 @@ class _EvalMetricHook(HookBase):
     def __init__(self, eval_period: int, val_metric: str, mode: str) -> None:
         hook = type(self).__name__
         if mode not in ("max", "min"):
-            raise ValueError(f"{hook} mode must be 'max' (higher is better) or 'min' (lower is better), got {mode!r}.")
+            raise ValueError(
+                f"{hook} mode must be 'max' (higher is better) or 'min' (lower is better), got {mode!r}."
+            )
         if not isinstance(eval_period, int) or eval_period < 0:
             raise ValueError(
                 f"{hook} eval_period must be the EvalHook's period (an int >= 0, e.g. cfg.TEST.EVAL_PERIOD), "
@@ -448,7 +450,12 @@ class _EvalMetricHook(HookBase):
         return value if iteration == self.trainer.iter else None
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"val_metric": self._val_metric, "mode": self._mode, "best_metric": self.best_metric, "best_iter": self.best_iter}
+        return {
+            "val_metric": self._val_metric,
+            "mode": self._mode,
+            "best_metric": self.best_metric,
+            "best_iter": self.best_iter,
+        }
 
     def _load_best(self, state_dict: Dict[str, Any]) -> bool:
         """Restores the best value unless the state follows another metric or mode; returns whether it did."""
@@ -508,18 +515,26 @@ class BestCheckpointer(_EvalMetricHook):
             return
         name, best, best_iter = self._val_metric, self.best_metric, self.best_iter
         if not _is_finite(value):
-            logger.warning("BestCheckpointer: %s = %s at iteration %d is not a finite number; not saved.", name, value, iteration)
+            logger.warning(
+                "BestCheckpointer: %s = %s at iteration %d is not a finite number; not saved.", name, value, iteration
+            )
             return
         if not _improves(value, best, self._mode):
             logger.info(
-                "BestCheckpointer: %s = %.5g at iteration %d is not better than the best, %.5g at iteration %d; not saved.",
-                name, value, iteration, best, best_iter,
+                "BestCheckpointer: %s = %.5g at iteration %d is not better than the best, %.5g at iteration %d; "
+                "not saved.", name, value, iteration, best, best_iter,
             )
             return
         self.best_metric, self.best_iter = value, iteration  # before saving: the file holds the hook's new state
-        self._checkpointer.save(self._file_prefix, tag=False, iteration=iteration, val_metric=name, val_metric_value=value)
+        # tag=False: --resume must continue from the latest checkpoint, not from this one.
+        self._checkpointer.save(
+            self._file_prefix, tag=False, iteration=iteration, val_metric=name, val_metric_value=value
+        )
         if best is None:
-            logger.info("BestCheckpointer: saved %s.pth with %s = %.5g at iteration %d.", self._file_prefix, name, value, iteration)
+            logger.info(
+                "BestCheckpointer: saved %s.pth with %s = %.5g at iteration %d.",
+                self._file_prefix, name, value, iteration,
+            )
         else:
             logger.info(
                 "BestCheckpointer: %s improved from %.5g (iteration %d) to %.5g at iteration %d; saved %s.pth.",
@@ -528,7 +543,10 @@ class BestCheckpointer(_EvalMetricHook):
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         if self._load_best(state_dict) and self.best_iter is not None:
-            logger.info("BestCheckpointer: best %s so far is %.5g at iteration %d.", self._val_metric, self.best_metric, self.best_iter)
+            logger.info(
+                "BestCheckpointer: best %s so far is %.5g at iteration %d.", self._val_metric, self.best_metric,
+                self.best_iter,
+            )
 
 
 class EarlyStopping(_EvalMetricHook):
@@ -552,7 +570,9 @@ class EarlyStopping(_EvalMetricHook):
         eval_period: the EvalHook's period (``cfg.TEST.EVAL_PERIOD``); 0: only after the last iteration.
     """
 
-    def __init__(self, val_metric: str, patience: int, mode: str = "max", min_delta: float = 0.0, *, eval_period: int) -> None:
+    def __init__(
+        self, val_metric: str, patience: int, mode: str = "max", min_delta: float = 0.0, *, eval_period: int
+    ) -> None:
         super().__init__(eval_period, val_metric, mode)
         if not isinstance(patience, int) or patience < 1:
             raise ValueError(f"EarlyStopping patience must be a number of evaluations >= 1, got {patience!r}.")
@@ -579,10 +599,13 @@ class EarlyStopping(_EvalMetricHook):
             "%d of %d evaluations without improvement.",
             self._val_metric, value, it, self._min_delta, best, self.num_bad_evals, self._patience,
         )
-        if self.num_bad_evals >= self._patience and it < self.trainer.max_iter - 1 and self.trainer.stop_reason is None:
+        # Not at the last iteration (training ends anyway), nor when another hook already stopped it.
+        last = it >= self.trainer.max_iter - 1
+        if self.num_bad_evals >= self._patience and not last and self.trainer.stop_reason is None:
+            evals = f"{self.num_bad_evals} evaluation{'s' if self.num_bad_evals > 1 else ''}"
             reason = (
-                f"early stopping: {self._val_metric} did not improve by more than {self._min_delta:g} in "
-                f"{self.num_bad_evals} evaluations (best: {best})"
+                f"early stopping: {self._val_metric} did not improve by more than {self._min_delta:g} in {evals} "
+                f"(best: {best})"
             )
             logger.info("EarlyStopping: stopping after iteration %d: %s.", it, reason)
             self.trainer.request_stop(reason)
