@@ -6,15 +6,17 @@ real evaluation.
 """
 import logging
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.engine.test_defaults import CONSTANT_LR, digits_cfg, read_metrics
 from tests.engine.test_train_loop import make_trainer
+from tests.tools.cli import CONFIG, read_metrics
 from tests.utils.test_events import trainkit_info_logs  # noqa: F401 (a pytest fixture used below)
 from trainkit.checkpoint import Checkpointer
 from trainkit.checkpoint.serialization import load_checkpoint_file
+from trainkit.config import get_cfg
 from trainkit.engine import DefaultTrainer, HookBase, hooks
 from trainkit.utils.env import seed_all_rng
 from trainkit.utils.events import get_event_storage
@@ -305,6 +307,19 @@ def test_best_checkpointer_rejects_a_bad_mode():
 
 
 # ---- with DefaultTrainer on the digits data --------------------------------------------------------------------
+def digits_cfg(output_dir, *opts):
+    """The digits MLP config: 40 iterations with a constant LR, evaluating and writing every 10, checkpoints every
+    20."""
+    cfg = get_cfg()
+    cfg.merge_from_file(str(Path(__file__).resolve().parents[2] / CONFIG))
+    cfg.merge_from_list([
+        "SOLVER.MAX_ITER", 40, "SOLVER.LR_SCHEDULER_NAME", "WarmupMultiStepLR", "SOLVER.STEPS", (),
+        "SOLVER.WARMUP_ITERS", 0, "SOLVER.LOG_PERIOD", 10, "SOLVER.CHECKPOINT_PERIOD", 20, "TEST.EVAL_PERIOD", 10,
+        "DATALOADER.NUM_WORKERS", 0, "OUTPUT_DIR", str(output_dir), *opts,
+    ])
+    return cfg
+
+
 def default_trainer(cfg, make_hooks):
     seed_all_rng(cfg.SEED)
     trainer = DefaultTrainer(cfg)
@@ -313,7 +328,7 @@ def default_trainer(cfg, make_hooks):
 
 
 def test_default_trainer_keeps_the_model_of_its_best_evaluation(tmp_path):
-    cfg = digits_cfg(tmp_path, "TEST.EVAL_PERIOD", "10")
+    cfg = digits_cfg(tmp_path)
     trainer = default_trainer(
         cfg, lambda t: [hooks.BestCheckpointer(10, t.checkpointer, "classification/top1"), FileWatcher(str(tmp_path))]
     )
@@ -332,7 +347,7 @@ def test_default_trainer_keeps_the_model_of_its_best_evaluation(tmp_path):
 
 def test_default_trainer_stops_early_after_the_evaluation_that_used_up_the_patience(tmp_path):
     # No evaluation can beat the first by 100 percentage points: the second one uses up a patience of 1.
-    cfg = digits_cfg(tmp_path, "TEST.EVAL_PERIOD", "10")
+    cfg = digits_cfg(tmp_path)
     trainer = default_trainer(
         cfg, lambda t: [hooks.EarlyStopping("classification/top1", 1, min_delta=100, eval_period=10)]
     )
@@ -360,7 +375,7 @@ def test_resuming_from_a_checkpoint_at_an_evaluation_continues_early_stopping_ex
     def make_hooks(trainer):
         return [hooks.EarlyStopping("classification/top1", 2, min_delta=100, eval_period=10)]
 
-    straight_cfg = digits_cfg(tmp_path / "straight", "TEST.EVAL_PERIOD", "10", *CONSTANT_LR)
+    straight_cfg = digits_cfg(tmp_path / "straight")
     straight = default_trainer(straight_cfg, make_hooks)
     straight.resume_or_load(resume=False)
     straight.train()
@@ -368,11 +383,11 @@ def test_resuming_from_a_checkpoint_at_an_evaluation_continues_early_stopping_ex
 
     split = tmp_path / "split"
     first = default_trainer(
-        digits_cfg(split, "TEST.EVAL_PERIOD", "10", "SOLVER.MAX_ITER", "20", *CONSTANT_LR), make_hooks
+        digits_cfg(split, "SOLVER.MAX_ITER", 20), make_hooks
     )
     first.resume_or_load(resume=False)
     first.train()
-    resumed = default_trainer(digits_cfg(split, "TEST.EVAL_PERIOD", "10", *CONSTANT_LR), make_hooks)
+    resumed = default_trainer(digits_cfg(split), make_hooks)
     resumed.resume_or_load(resume=True)
     resumed.train()
     assert resumed.iter == 30
