@@ -275,10 +275,12 @@ class PreemptionHandler(HookBase):
         self._signals = tuple(signals)
         self._check_period = max(1, int(check_period))
         self._received: Optional[str] = None
+        self._pid = os.getpid()
         self._previous: Dict[int, Any] = {}
 
     def before_train(self) -> None:
         self._received = None
+        self._pid = os.getpid()
         if threading.current_thread() is not threading.main_thread():
             logger.warning("PreemptionHandler: not in the main thread, so no signal handlers are installed.")
             return
@@ -286,6 +288,8 @@ class PreemptionHandler(HookBase):
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:
+            return  # a forked data-loading worker inherited the handler: the trainer's process handles it
         name = signal.Signals(signum).name
         if self._received is not None:
             logger.warning("Received %s again: exiting at once.", name)

@@ -159,7 +159,10 @@ class TrainerBase:
             fn()
 
     def after_train(self) -> None:
-        self.storage.iter = self.iter
+        if self.iter == self.max_iter:
+            # Finished: what is put now (a final evaluation) belongs after the last iteration. A stopped or
+            # failed run keeps the storage at the iteration it was in.
+            self.storage.iter = self.iter
         for fn in self._dispatch["after_train"]:
             fn()
 
