@@ -84,6 +84,8 @@ def test_stop_and_resume_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path, wo
     interrupted = make_cfg(tmp_path / "interrupted", **{"DATALOADER.NUM_WORKERS": workers})
     first = train(interrupted, extra_hooks=[StopAt(39)])
     assert first.iter == 40 and first.stop_reason == "test stop"
+    # The stopped run's last line is its last iteration: nothing is written for iteration 40, which never ran.
+    assert metrics(tmp_path / "interrupted")[-1]["iteration"] == 39
     # A different global seed before resuming: the checkpoint's RNG states must win.
     second = train(interrupted, resume=True, seed=12345)
     assert second.start_iter == 40 and second.iter == 80
