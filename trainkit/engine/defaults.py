@@ -166,9 +166,13 @@ class DefaultTrainer(TrainerBase):
     ``build_optimizer``, ``build_lr_scheduler``, ``build_train_loader``, ``build_test_loader``,
     ``build_evaluator``, ``build_hooks``, ``build_writers``).
 
-    The default hooks, in order: IterationTimer, LRScheduler, PeriodicCheckpointer (``SOLVER.CHECKPOINT_PERIOD``),
-    PreemptionHandler (SIGTERM/SIGINT: finish the step, save, stop), EvalHook (``TEST.EVAL_PERIOD`` and after the last iteration), PeriodicWriter (``SOLVER.LOG_PERIOD``; main
-    process only, last, so that it writes the evaluation results of the same iteration).
+    The default hooks, in order: IterationTimer, LRScheduler, EvalHook (``TEST.EVAL_PERIOD`` and after the
+    last iteration), PeriodicCheckpointer (``SOLVER.CHECKPOINT_PERIOD``), PreemptionHandler (SIGTERM/SIGINT:
+    finish the step, save, stop), PeriodicWriter (``SOLVER.LOG_PERIOD``; main process only). The last three
+    stay last when more hooks are registered, so a checkpoint taken at an evaluation iteration holds the
+    state of the hooks that reacted to that evaluation (best checkpoint, early stopping), and the writers
+    write everything the iteration put. (detectron2 checkpoints before evaluating; a resumed run then forgets
+    the evaluation made at the checkpoint's iteration.)
 
     Checkpoints hold the model, the optimizer, the LR scheduler, the grad scaler, the iteration, every hook's
     state, the training data seed and the RNG states of every process: a resumed run continues exactly.
@@ -215,13 +219,17 @@ class DefaultTrainer(TrainerBase):
         return self._trainer.optimizer
 
     # ---- running -------------------------------------------------------------------------------------------
+    # Hooks that save or write what an iteration produced: they run after every other hook of the iteration.
+    _TAIL_HOOKS = (hooks.PeriodicCheckpointer, hooks.PreemptionHandler, hooks.PeriodicWriter)
+
     def register_hooks(self, hooks_: Sequence[Optional[HookBase]]) -> None:
-        """Appends hooks, but keeps the PeriodicWriter last: metrics that later hooks put still reach the
-        writers in the same iteration."""
+        """Appends hooks, but keeps the checkpointing hooks and then the PeriodicWriter last, so that what a
+        later-registered hook does in an iteration (its state, the metrics it puts) is in that iteration's
+        checkpoint and reaches the writers."""
         super().register_hooks(hooks_)
-        writers = [h for h in self._hooks if isinstance(h, hooks.PeriodicWriter)]
-        if writers and self._hooks[-len(writers):] != writers:
-            self._hooks = [h for h in self._hooks if not isinstance(h, hooks.PeriodicWriter)] + writers
+        tail = [h for kind in self._TAIL_HOOKS for h in self._hooks if type(h) is kind]
+        if self._hooks[len(self._hooks) - len(tail):] != tail:
+            self._hooks = [h for h in self._hooks if h not in tail] + tail
             self._rebuild_dispatch()
         # The inner trainer calls after_backward from inside its step: give it this trainer's hooks.
         self._trainer._dispatch["after_backward"] = self._dispatch["after_backward"]
@@ -327,9 +335,9 @@ class DefaultTrainer(TrainerBase):
         return [
             hooks.IterationTimer(),
             hooks.LRScheduler(),
+            hooks.EvalHook(cfg.TEST.EVAL_PERIOD, test_and_save_results),
             hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD),
             hooks.PreemptionHandler(self.checkpointer, check_period=cfg.SOLVER.LOG_PERIOD),
-            hooks.EvalHook(cfg.TEST.EVAL_PERIOD, test_and_save_results),
             hooks.PeriodicWriter(self.build_writers(), period=cfg.SOLVER.LOG_PERIOD) if comm.is_main_process() else None,
         ]
 
