@@ -12,7 +12,7 @@ import math
 import time
 import weakref
 from contextlib import nullcontext
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -367,65 +367,75 @@ class SimpleTrainer(TrainerBase):
         self._finish_gather()
         if not self._pending_rows:
             return
-        names, iters = self._pending_names, self._pending_iters
-        values = self._gather_on_device(reduce)
-        self._pending_iters = []
-        self._pending_rows, self._pending_data_time = [], []
+        batch = (self._pending_names, self._pending_iters, self._pending_data_time)
+        values, data_time_included = self._gather_on_device(reduce)
+        self._pending_iters, self._pending_rows, self._pending_data_time = [], [], []
+        if data_time_included:
+            batch = batch[:2] + (None,)
         if in_background:
             if self._executor is None:
                 self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="trainkit-metrics")
-            self._inflight = (self._executor.submit(values.tolist), names, iters)
+            self._inflight = (self._executor.submit(values.tolist), batch)
         else:
-            self._put_metrics(values.tolist(), names, iters)
+            self._put_metrics(values.tolist(), *batch)
 
     def _finish_gather(self) -> None:
         if self._inflight is not None:
-            future, names, iters = self._inflight
+            future, batch = self._inflight
             self._inflight = None
-            self._put_metrics(future.result(), names, iters)
+            self._put_metrics(future.result(), *batch)
 
-    def _gather_on_device(self, reduce: bool) -> torch.Tensor:
-        # One (iterations x metrics+1) float32 tensor; the last column is data_time. Reduced across ranks:
-        # losses averaged, data_time the maximum (the slowest rank is what everyone waits for).
+    def _gather_on_device(self, reduce: bool) -> Tuple[torch.Tensor, bool]:
+        # The pending losses as one flat tensor (iterations x metrics, row-major): one stack, one transfer.
+        # With several processes, data_time joins as a last column and the collective reduces the losses to
+        # their mean and data_time to its maximum (the slowest rank is what everyone waits for). Returns the
+        # tensor and whether data_time is in it (otherwise it stays on the host).
         flat = [t for row in self._pending_rows for t in row]
         try:
             losses = torch.stack(flat)  # promotes mixed float dtypes
         except RuntimeError:  # losses on several devices
             losses = torch.stack([t.to(flat[0].device, torch.float32) for t in flat])
+        world_size = comm.get_world_size()
+        if not reduce or world_size == 1:
+            return losses, False
         data_time = torch.tensor(self._pending_data_time, dtype=torch.float32, device=losses.device)
         values = torch.cat([losses.float().view(len(self._pending_rows), -1), data_time.view(-1, 1)], dim=1)
-        world_size = comm.get_world_size()
-        if reduce and world_size > 1:
-            gathered = [torch.empty_like(values) for _ in range(world_size)]
-            torch.distributed.all_gather(gathered, values)
-            stacked = torch.stack(gathered)
-            values = torch.cat([stacked[:, :, :-1].mean(dim=0), stacked[:, :, -1:].amax(dim=0)], dim=1)
-        return values
+        gathered = [torch.empty_like(values) for _ in range(world_size)]
+        torch.distributed.all_gather(gathered, values)
+        stacked = torch.stack(gathered)
+        values = torch.cat([stacked[:, :, :-1].mean(dim=0), stacked[:, :, -1:].amax(dim=0)], dim=1)
+        return values.view(-1), True
 
-    def _put_metrics(self, rows: List[List[float]], names: Sequence[str], iters: List[int]) -> None:
-        total_idx = names.index("total_loss") if "total_loss" in names else 0
-        for i, (it, row) in enumerate(zip(iters, rows)):
-            if not math.isfinite(row[total_idx]):
-                rows = rows[:i]  # what came before the bad iteration still reaches the storage
-                self._put_series(rows, names, iters)
-                raise FloatingPointError(
-                    f"Loss became infinite or NaN at iteration={it}!\n"
-                    f"loss_dict = {dict(zip(names, row[:-1]))}\n"
-                    "Checkpoints written before this iteration are untouched."
-                )
-        self._put_series(rows, names, iters)
+    def _put_metrics(
+        self, flat: List[float], names: Sequence[str], iters: List[int], data_time: Optional[List[float]]
+    ) -> None:
+        width = len(names) + (data_time is None)
+        columns = [flat[j::width] for j in range(width)]
+        if data_time is None:
+            data_time = columns.pop()
+        total = columns[names.index("total_loss") if "total_loss" in names else 0]
+        if not all(map(math.isfinite, total)):
+            bad = next(i for i, v in enumerate(total) if not math.isfinite(v))
+            # What came before the bad iteration still reaches the storage.
+            self._put_series([c[:bad] for c in columns], names, iters[:bad], data_time[:bad])
+            raise FloatingPointError(
+                f"Loss became infinite or NaN at iteration={iters[bad]}!\n"
+                f"loss_dict = {dict(zip(names, (c[bad] for c in columns)))}\n"
+                "Checkpoints written before this iteration are untouched."
+            )
+        self._put_series(columns, names, iters, data_time)
 
-    def _put_series(self, rows: List[List[float]], names: Sequence[str], iters: List[int]) -> None:
-        if not rows:
+    def _put_series(
+        self, columns: List[List[float]], names: Sequence[str], iters: List[int], data_time: List[float]
+    ) -> None:
+        if not iters:
             return
         storage = get_event_storage()
-        columns = list(zip(*rows))
-        iters = iters[: len(rows)]
         for name, column in zip(names, columns):
             storage.put_scalar_series(name, column, iters)
         if "total_loss" not in names:
             storage.put_scalar_series("total_loss", columns[0], iters)
-        storage.put_scalar_series("data_time", columns[-1], iters)
+        storage.put_scalar_series("data_time", data_time, iters)
 
     def after_train(self) -> None:
         # Failed runs write what they have from this rank alone: other ranks may never reach a collective.

@@ -62,6 +62,15 @@ class HistoryBuffer:
         self._count += 1
         self._global_sum += value
 
+    def extend(self, values: Sequence[float], iterations: Sequence[float]) -> None:
+        """Appends several values with their iterations (the same as :meth:`update` for each, in order)."""
+        self._data.extend(zip(values, iterations))
+        self._count += len(values)
+        total = self._global_sum
+        for v in values:  # one by one, in order: the same sum as update() would give
+            total += v
+        self._global_sum = total
+
     def latest(self) -> float:
         """The newest value."""
         return self._data[-1][0]
@@ -216,8 +225,7 @@ class EventStorage:
         name = self._current_prefix + name
         self._check_hint(name, smoothing_hint)
         buf = self._buffer(name)
-        for value, itr in zip(values, iterations):
-            buf.update(float(value), int(itr))
+        buf.extend([float(v) for v in values], iterations)
         self._latest_scalars[name] = buf.values_tail()
 
     def _check_hint(self, name: str, smoothing_hint: bool) -> None:
