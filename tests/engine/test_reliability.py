@@ -18,6 +18,7 @@ from torch import nn
 
 from trainkit.checkpoint import CheckpointError, UnsafeCheckpointError
 from trainkit.config import get_cfg
+from trainkit.data import get_train_loader_seed
 from trainkit.engine import DefaultTrainer, HookBase, hooks
 from trainkit.modeling import MODEL_REGISTRY, MLPClassifier
 from trainkit.utils.env import seed_all_rng
@@ -95,6 +96,20 @@ def test_stop_and_resume_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path, wo
     ma, mb = metrics(tmp_path / "straight"), metrics(tmp_path / "interrupted")
     assert [m["iteration"] for m in mb] == [m["iteration"] for m in ma]
     assert losses_by_iteration(mb) == losses_by_iteration(ma)
+
+
+def test_a_negative_seed_resumes_with_the_interrupted_runs_data_seed(tmp_path):
+    # SEED -1 draws the data seed (from NumPy's global RNG, seeded by train()): the uninterrupted run and the
+    # first part draw the same one; the resumed part, seeded differently, must take it from the checkpoint.
+    opts = {"SEED": -1, "MODEL.CONVNET.DROPOUT": 0.0}
+    train(make_cfg(tmp_path / "straight", **opts))
+    interrupted = make_cfg(tmp_path / "interrupted", **opts)
+    train(interrupted, extra_hooks=[StopAt(39)])
+    resumed = train(interrupted, resume=True, seed=12345)
+    saved = torch.load(tmp_path / "interrupted" / "model_0000039.pth", weights_only=True)["trainer"]["data_seed"]
+    assert get_train_loader_seed(resumed.data_loader) == saved
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "interrupted")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _run_tool(output_dir, *extra, max_iter=1500, resume=False):

@@ -307,11 +307,20 @@ class DefaultTrainer(TrainerBase):
         self._trainer.load_state_dict(state_dict["_trainer"])
         saved_seed, seed = state_dict.get("data_seed"), get_train_loader_seed(self.data_loader)
         if saved_seed is not None and saved_seed != seed:
-            logger.warning(
-                "The checkpoint's training data seed is %d but this run's is %s: the data order after resuming "
-                "differs from the interrupted run's. Set SEED to a fixed value (>= 0) for an exact resume.",
-                saved_seed, seed,
-            )
+            if self.cfg.SEED < 0 and seed is not None:
+                # SEED < 0 drew a seed at random; continue with the interrupted run's draw. (The loader has not
+                # been iterated yet, so replacing it costs nothing.)
+                cfg = self.cfg.clone()
+                cfg.defrost()
+                cfg.SEED = saved_seed
+                self._trainer.reset_data_loader(lambda: self.build_train_loader(cfg))
+                logger.info("Resuming with the checkpoint's training data seed %d (SEED is negative).", saved_seed)
+            else:
+                logger.warning(
+                    "The checkpoint's training data seed is %d but this run's is %s (SEED was changed, or the "
+                    "loader is not trainkit's): the data order after resuming differs from the interrupted run's.",
+                    saved_seed, seed,
+                )
         rng = state_dict.get("rng")
         if rng:
             if len(rng) != comm.get_world_size():
