@@ -271,14 +271,15 @@ class SimpleTrainer(TrainerBase):
         self.gather_metric_period = gather_metric_period
         self.zero_grad_before_forward = zero_grad_before_forward
         self.async_write_metrics = async_write_metrics
-        # Pending metrics: names, then one row of detached tensors and one data_time per iteration.
+        # Pending metrics: the loss names, then per iteration its number, a row of detached loss tensors and
+        # its data_time.
         self._pending_keys: Sequence[str] = ()
         self._pending_names: Sequence[str] = ()
         self._pending_iters: List[int] = []
         self._pending_rows: List[List[torch.Tensor]] = []
         self._pending_data_time: List[float] = []
         self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
-        self._inflight: Optional[Any] = None  # (future, names, iters) of an async gather
+        self._inflight: Optional[Any] = None  # (future, (names, iters, data_time)) of an async gather
 
     # ---- the step ------------------------------------------------------------------------------------------
     def run_step(self) -> None:
