@@ -303,3 +303,14 @@ def test_a_hook_that_raises_still_flushes_the_writers_and_propagates(mlp_cfg, tm
     # Written at iteration 9 by the period, and at 14 by after_train: nothing the run measured is lost.
     assert [m["iteration"] for m in lines] == [9, 14]
     assert all("total_loss" in m for m in lines)
+
+
+def test_checkpoint_max_to_keep_keeps_the_newest_periodic_checkpoints_across_a_resume(tmp_path):
+    cfg = make_cfg(tmp_path / "out", config=MLP, **{"SOLVER.MAX_ITER": 50, "SOLVER.CHECKPOINT_PERIOD": 10,
+                                                   "SOLVER.CHECKPOINT_MAX_TO_KEEP": 2, "TEST.EVAL_PERIOD": 0})
+    train(cfg, extra_hooks=[StopAt(29)])
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("*.pth")) == ["model_0000019.pth", "model_0000029.pth"]
+    train(cfg, resume=True)
+    assert sorted(p.name for p in out.glob("*.pth")) == ["model_0000039.pth", "model_0000049.pth", "model_final.pth"]
+    assert (out / "last_checkpoint").read_text() == "model_final.pth"

@@ -345,7 +345,9 @@ class DefaultTrainer(TrainerBase):
             hooks.IterationTimer(),
             hooks.LRScheduler(),
             hooks.EvalHook(cfg.TEST.EVAL_PERIOD, test_and_save_results),
-            hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD),
+            hooks.PeriodicCheckpointer(
+                self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, max_to_keep=cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP or None
+            ),
             hooks.PreemptionHandler(self.checkpointer, check_period=cfg.SOLVER.LOG_PERIOD),
             hooks.PeriodicWriter(self.build_writers(), period=cfg.SOLVER.LOG_PERIOD) if comm.is_main_process() else None,
         ]
