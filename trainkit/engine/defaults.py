@@ -289,8 +289,10 @@ class DefaultTrainer(TrainerBase):
     def after_train(self) -> None:
         self._trainer.iter = self.iter
         self._trainer.stop_reason = self.stop_reason
-        self._trainer.after_train()  # writes the metrics still pending
-        super().after_train()
+        try:
+            self._trainer.after_train()  # writes the metrics still pending; may find a non-finite loss
+        finally:
+            super().after_train()
 
     # ---- state ---------------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:

@@ -219,6 +219,11 @@ class TrainerBase:
 
 
 def _sum_losses(loss_dict: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    if not loss_dict:
+        raise ValueError(
+            "The model returned an empty dict of losses; in training mode it must return a dict of scalar loss "
+            "tensors (or one loss tensor)."
+        )
     values = iter(loss_dict.values())
     total = next(values)
     for v in values:
@@ -394,8 +399,9 @@ class SimpleTrainer(TrainerBase):
         flat = [t for row in self._pending_rows for t in row]
         try:
             losses = torch.stack(flat)  # promotes mixed float dtypes
-        except RuntimeError:  # losses on several devices
-            losses = torch.stack([t.to(flat[0].device, torch.float32) for t in flat])
+        except RuntimeError:  # losses on several devices, or one-element losses of shapes () and (1,) mixed
+            losses = torch.stack([t.to(flat[0].device, torch.float32).reshape(()) for t in flat])
+        losses = losses.view(-1)  # losses of shape (1,) stack to (n, 1)
         world_size = comm.get_world_size()
         if not reduce or world_size == 1:
             return losses, False
@@ -450,7 +456,8 @@ class SimpleTrainer(TrainerBase):
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
-        super().after_train()
+            # The hooks' after_train runs also when this final gather finds a non-finite loss (a stopped run).
+            super().after_train()
 
     # ---- state ---------------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
