@@ -445,6 +445,8 @@ class JSONWriter(EventWriter):
                 logger.warning("%s existed; training starts at iteration 0, so it was moved to %s.bak",
                                self._path, f"{self._path}.{n}")
         self._file_handle = open(self._path, "a")
+        # The file now ends before start_iter: a writer reused for another run writes from there on again.
+        self._last_write = min(self._last_write, start_iter - 1)
 
     def _drop_lines_from(self, start_iter: int) -> None:
         with open(self._path) as f:
@@ -480,8 +482,10 @@ class JSONWriter(EventWriter):
         self._last_write = max(new)
 
     def close(self) -> None:
+        # A later write (a second train() with the same writers) opens the file again, as the first write did.
         if self._file_handle is not None:
             self._file_handle.close()
+            self._file_handle = None
 
 
 class TensorboardXWriter(EventWriter):
