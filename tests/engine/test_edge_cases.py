@@ -6,6 +6,7 @@ and a non-finite loss that is only found by the final metric gather of a stopped
 import itertools
 import json
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,23 @@ def test_default_trainer_a_nan_found_at_the_final_gather_of_a_stopped_run_still_
     lines = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
     # The losses of iteration 0 (the last good one) reach metrics.json, and the latest lr (iteration 2).
     assert [(line["iteration"], "loss_cls" in line, "lr" in line) for line in lines] == [(0, True, False), (2, False, True)]
+
+
+class Sleeper(HookBase):
+    def __init__(self, before_step, after_step):
+        self.before, self.after = before_step, after_step
+
+    def before_step(self):
+        time.sleep(self.before)
+
+    def after_step(self):
+        time.sleep(self.after)
+
+
+def test_iteration_timer_registered_first_times_the_other_hooks_before_step_but_not_their_after_step():
+    # What the IterationTimer docstring and docs/hooks.md promise about registering it first.
+    trainer = scale_trainer(lambda y: {"loss": y})
+    trainer.register_hooks([hooks.IterationTimer(warmup_iter=0), Sleeper(before_step=0.05, after_step=0.5)])
+    trainer.train(0, 2)
+    times = series(trainer, "time")
+    assert len(times) == 2 and all(0.05 <= t < 0.5 for t in times), times

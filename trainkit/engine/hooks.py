@@ -89,7 +89,10 @@ class IterationTimer(HookBase):
     """Puts the wall time of each iteration into the storage as ``time`` and logs the totals at the end.
 
     The first ``warmup_iter`` iterations are not timed (they include one-off costs such as allocator warm-up
-    and data-loader start-up). Register it first so that its time covers the other hooks too.
+    and data-loader start-up). The time runs from its own ``before_step`` to its own ``after_step``: register it
+    first so that it covers the step and the other hooks' ``before_step`` and ``after_backward``. The other
+    hooks' ``after_step`` (evaluation, checkpoints, writing) runs after its own and is not in ``time``; the
+    "Overall training speed" logged at the end covers it.
 
     Args:
         warmup_iter: iterations to leave out of the timing.
