@@ -42,9 +42,9 @@ def trivial_batch_collator(batch: List[Any]) -> List[Any]:
 def collate(batch: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
     """Stacks a list of dict items into one dict.
 
-    Per key: tensors are stacked (``torch.stack``); numpy arrays are stacked into a tensor; Python and numpy
-    numbers become a 1-d tensor (int -> int64, float -> float32, bool -> bool); anything else (strings, ...)
-    becomes a list.
+    Per key: tensors are stacked (``torch.stack``); numpy arrays are stacked into a tensor; Python numbers become
+    a 1-d tensor (int -> int64, float -> float32, bool -> bool), numpy numbers one of their own dtype (like numpy
+    arrays: ``np.float64`` gives float64); anything else (strings, ...) becomes a list.
 
     Raises:
         TypeError: an item is not a dict.
