@@ -148,3 +148,10 @@ def test_iteration_timer_registered_first_times_the_other_hooks_before_step_but_
     trainer.train(0, 2)
     times = series(trainer, "time")
     assert len(times) == 2 and all(0.05 <= t < 0.5 for t in times), times
+
+
+@pytest.mark.parametrize("period", [0, -5])
+def test_periodic_writer_with_a_period_below_1_is_a_value_error_naming_it(period):
+    # It used to be accepted and to fail with ZeroDivisionError (or never write) once training ran.
+    with pytest.raises(ValueError, match=rf"PeriodicWriter period must be >= 1 iteration, got {period}"):
+        hooks.PeriodicWriter([], period=period)

@@ -201,6 +201,8 @@ class PeriodicWriter(HookBase):
         for w in self._writers:
             if not isinstance(w, EventWriter):
                 raise TypeError(f"PeriodicWriter takes EventWriter instances, got {type(w).__name__}")
+        if period < 1:
+            raise ValueError(f"PeriodicWriter period must be >= 1 iteration, got {period}; e.g. SOLVER.LOG_PERIOD.")
         self._period = period
 
     def after_step(self) -> None:
