@@ -155,3 +155,16 @@ def test_periodic_writer_with_a_period_below_1_is_a_value_error_naming_it(period
     # It used to be accepted and to fail with ZeroDivisionError (or never write) once training ran.
     with pytest.raises(ValueError, match=rf"PeriodicWriter period must be >= 1 iteration, got {period}"):
         hooks.PeriodicWriter([], period=period)
+
+
+def test_auto_scale_workers_keeps_periods_that_were_on_at_least_1():
+    from trainkit.config import get_cfg
+    from trainkit.engine import DefaultTrainer
+
+    cfg = get_cfg()
+    cfg.merge_from_list(["SOLVER.REFERENCE_WORLD_SIZE", "1", "SOLVER.IMS_PER_BATCH", "16",
+                         "SOLVER.CHECKPOINT_PERIOD", "1", "TEST.EVAL_PERIOD", "1"])
+    scaled = DefaultTrainer.auto_scale_workers(cfg, 8)
+    assert (scaled.SOLVER.CHECKPOINT_PERIOD, scaled.TEST.EVAL_PERIOD) == (1, 1)
+    cfg.TEST.EVAL_PERIOD = 0
+    assert DefaultTrainer.auto_scale_workers(cfg, 8).TEST.EVAL_PERIOD == 0

@@ -159,11 +159,11 @@ def _two_group_trainer(lr_small_group, lr_big_group, lambdas):
 @pytest.mark.parametrize(
     "lrs, expected",
     [
-        ((0.1, 0.1), [0.1 * 0.5**i for i in range(5)]),  # equal LRs: the group with the most parameters
-        ((0.2, 0.1), [0.2] * 5),  # different LRs: the largest
+        ((0.1, 0.1), [0.1 * 0.5**i for i in range(5)]),  # the group with the most parameters
+        ((0.2, 0.1), [0.1 * 0.5**i for i in range(5)]),  # also when another group has a larger LR
     ],
 )
-def test_lr_scheduler_reports_the_group_with_most_parameters_or_the_largest_lr(lrs, expected):
+def test_lr_scheduler_reports_the_group_with_most_parameters(lrs, expected):
     seen = {}
     trainer = _two_group_trainer(*lrs, lambdas=[lambda i: 1.0, lambda i: 0.5**i])
     trainer.register_hooks([hooks.LRScheduler(), _keep_histories(seen)])
@@ -256,3 +256,14 @@ def test_a_metric_put_by_a_hook_registered_before_the_writer_reaches_metrics_jso
 )
 def test_a_metric_put_by_a_hook_registered_after_the_writer_reaches_metrics_json(tmp_path):
     assert _my_metric_in_metrics_json(tmp_path, writer_first=True) == [(19, 19.0), (39, 39.0), (59, 59.0)]
+
+
+def test_lr_scheduler_with_single_parameter_groups_reports_the_most_common_lr():
+    model = TwoLossModel()
+    groups = [
+        {"params": [model.linear.weight], "lr": 0.2},
+        {"params": [model.linear.bias], "lr": 0.1},
+    ]
+    groups.append({"params": [nn.Parameter(torch.zeros(1))], "lr": 0.1})
+    optimizer = torch.optim.SGD(groups)
+    assert hooks.LRScheduler._pick_group(optimizer) == 1

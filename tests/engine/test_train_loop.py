@@ -322,3 +322,13 @@ def test_the_documented_print_every_100_hook_runs(capsys):
 def test_trainer_base_requires_run_step():
     with pytest.raises(NotImplementedError):
         TrainerBase().train(0, 1)
+
+
+def test_a_loss_named_total_loss_besides_others_is_a_clear_error():
+    class Clashing(TwoLossModel):
+        def forward(self, batch):
+            out = super().forward(batch)
+            return {"total_loss": out["loss_mse"], "loss_l1": out["loss_l1"]}
+
+    with pytest.raises(ValueError, match="named 'total_loss' besides other losses"):
+        make_trainer(model=Clashing()).train(0, 3)

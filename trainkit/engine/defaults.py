@@ -457,8 +457,9 @@ class DefaultTrainer(TrainerBase):
         max_iter = cfg.SOLVER.MAX_ITER = int(round(cfg.SOLVER.MAX_ITER / scale))
         cfg.SOLVER.WARMUP_ITERS = int(round(cfg.SOLVER.WARMUP_ITERS / scale))
         cfg.SOLVER.STEPS = tuple(int(round(s / scale)) for s in cfg.SOLVER.STEPS)
-        cfg.TEST.EVAL_PERIOD = int(round(cfg.TEST.EVAL_PERIOD / scale))
-        cfg.SOLVER.CHECKPOINT_PERIOD = int(round(cfg.SOLVER.CHECKPOINT_PERIOD / scale))
+        # A period stays at least 1 when it was on (EVAL_PERIOD 0 stays 0: no periodic evaluation).
+        cfg.TEST.EVAL_PERIOD = max(int(cfg.TEST.EVAL_PERIOD > 0), int(round(cfg.TEST.EVAL_PERIOD / scale)))
+        cfg.SOLVER.CHECKPOINT_PERIOD = max(1, int(round(cfg.SOLVER.CHECKPOINT_PERIOD / scale)))
         cfg.SOLVER.REFERENCE_WORLD_SIZE = num_workers
         logger.info(
             "Auto-scaling the config to %d processes: IMS_PER_BATCH=%d, BASE_LR=%g, MAX_ITER=%d.",

@@ -141,7 +141,8 @@ class LRScheduler(HookBase):
     """Steps a torch LR scheduler after every iteration and puts the learning rate used as ``lr``.
 
     The scheduler's state is saved with the trainer's. When several parameter groups exist, ``lr`` is that of
-    the group with the most parameters (when all LRs are equal) or the largest LR.
+    the group with the most parameters (as in detectron2; when every group holds a single parameter, the
+    most common LR).
 
     Args:
         optimizer: defaults to ``trainer.optimizer``.
@@ -161,11 +162,15 @@ class LRScheduler(HookBase):
 
     @staticmethod
     def _pick_group(optimizer: torch.optim.Optimizer) -> int:
+        # As detectron2: the (first) group with the most parameters; when every group holds one parameter,
+        # the first group with the most common LR. So bias groups with BIAS_LR_FACTOR do not set `lr`.
         groups = optimizer.param_groups
-        lrs = {g["lr"] for g in groups}
-        if len(lrs) == 1:
-            return max(range(len(groups)), key=lambda i: len(groups[i]["params"]))
-        return max(range(len(groups)), key=lambda i: groups[i]["lr"])
+        largest = max(len(g["params"]) for g in groups)
+        if largest > 1:
+            return next(i for i, g in enumerate(groups) if len(g["params"]) == largest)
+        lrs = [g["lr"] for g in groups]
+        most_common = max(lrs, key=lrs.count)
+        return lrs.index(most_common)
 
     @property
     def scheduler(self) -> Any:

@@ -342,6 +342,11 @@ class SimpleTrainer(TrainerBase):
         if self._pending_rows and keys != self._pending_keys:
             self.flush_metrics()  # the model returned other losses than before: write what we have first
         if not self._pending_rows:
+            if len(keys) > 1 and "total_loss" in keys:
+                raise ValueError(
+                    f"The model returned a loss named 'total_loss' besides other losses ({list(keys)}); trainkit "
+                    "records their sum under that name. Rename that loss."
+                )
             self._pending_keys = keys
             self._pending_names = keys if len(keys) == 1 else keys + ("total_loss",)
         row = [v.detach() for v in loss_dict.values()]
