@@ -489,7 +489,7 @@ class AMPTrainer(SimpleTrainer):
     a ``torch.amp.GradScaler`` (its state is saved with the trainer's); bfloat16 needs none and works on CPU.
 
     Args:
-        grad_scaler: the scaler for float16; one is created when None. Ignored (must be None) for bfloat16.
+        grad_scaler: the scaler for float16; one is created when None. bfloat16 needs none (one given is used).
         precision: ``torch.float16`` or ``torch.bfloat16``.
         log_grad_scaler: put the scaler's scale into the storage as ``[metric]grad_scaler`` each step
             (as a tensor: no host sync).
