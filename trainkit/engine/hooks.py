@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import torch
 
 from trainkit.checkpoint import PeriodicCheckpointer as _PeriodicCheckpointer
+from trainkit.engine.ema import EMAHook, ModelEMA
 from trainkit.engine.train_loop import HookBase
 from trainkit.evaluation.testing import flatten_results_dict
 from trainkit.utils import comm
@@ -30,6 +31,9 @@ __all__ = [
     "EvalHook",
     "BestCheckpointer",
     "EarlyStopping",
+    "EMAHook",
+    "ModelEMA",
+    "TorchProfiler",
 ]
 
 logger = logging.getLogger(__name__)
@@ -630,3 +634,75 @@ class EarlyStopping(_EvalMetricHook):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         if self._load_best(state_dict):
             self.num_bad_evals = state_dict["num_bad_evals"]
+
+
+class TorchProfiler(HookBase):
+    """Profiles chosen iterations with ``torch.profiler`` and writes their traces (as detectron2's hook).
+
+    For each iteration where ``enable_predicate(trainer)`` is true, the profiler runs from this hook's
+    ``before_step`` to its ``after_step``: register it first to cover the whole step (and the other hooks'
+    ``before_step``). Then it writes, on the main process only (the others are not profiled):
+
+    - with ``save_tensorboard``: a trace for TensorBoard's profiler plugin in
+      ``{output_dir}/log/profiler-tensorboard-iter{N}/``;
+    - otherwise: a Chrome trace ``{output_dir}/profiler-trace-iter{N}.json`` (open it in ``chrome://tracing``
+      or Perfetto).
+
+    Profiling records shapes, memory, stacks and FLOPs: a profiled iteration is much slower than others, so
+    profile a few, e.g. ``enable_predicate=lambda t: t.iter in (100, 101)``.
+
+    Args:
+        enable_predicate: called with the trainer before each iteration; True profiles the iteration.
+        output_dir: where the traces go.
+        activities: ``torch.profiler.ProfilerActivity`` values; None: every one available (CPU, CUDA, ...).
+        save_tensorboard: write a TensorBoard trace instead of a Chrome trace file.
+    """
+
+    def __init__(
+        self,
+        enable_predicate: Callable[[Any], bool],
+        output_dir: str,
+        *,
+        activities: Optional[Sequence[Any]] = None,
+        save_tensorboard: bool = True,
+    ) -> None:
+        self._enable_predicate = enable_predicate
+        self._output_dir = os.fspath(output_dir)
+        self._activities = activities
+        self._save_tensorboard = save_tensorboard
+        self._profiler: Optional[torch.profiler.profile] = None
+
+    def before_step(self) -> None:
+        if not comm.is_main_process() or not self._enable_predicate(self.trainer):
+            return
+        on_trace_ready = None
+        if self._save_tensorboard:
+            folder = os.path.join(self._output_dir, "log", f"profiler-tensorboard-iter{self.trainer.iter}")
+            on_trace_ready = torch.profiler.tensorboard_trace_handler(folder, f"worker{comm.get_rank()}")
+        self._profiler = torch.profiler.profile(
+            activities=self._activities,
+            on_trace_ready=on_trace_ready,
+            record_shapes=True,
+            profile_memory=True,
+            with_stack=True,
+            with_flops=True,
+        )
+        self._profiler.__enter__()
+
+    def after_step(self) -> None:
+        if self._profiler is None:
+            return
+        profiler, self._profiler = self._profiler, None
+        profiler.__exit__(None, None, None)  # calls on_trace_ready: writes the TensorBoard trace
+        if not self._save_tensorboard:
+            os.makedirs(self._output_dir, exist_ok=True)
+            path = os.path.join(self._output_dir, f"profiler-trace-iter{self.trainer.iter}.json")
+            profiler.export_chrome_trace(path)
+            logger.info("TorchProfiler: wrote the trace of iteration %d to %s", self.trainer.iter, path)
+
+    def after_train(self) -> None:
+        # A step that raised left the profiler running: stop it without writing a partial trace.
+        if self._profiler is not None:
+            profiler, self._profiler = self._profiler, None
+            profiler.on_trace_ready = None
+            profiler.__exit__(None, None, None)
