@@ -260,3 +260,31 @@ def test_resume_continues_the_average_exactly(tmp_path):
     for name, value in straight_hook.ema.weights().items():
         assert torch.equal(resumed_hook.ema.weights()[name], value), name
     assert torch.equal(resumed.model.linear.weight, straight.model.linear.weight)
+
+
+def test_the_documented_ema_evaluation_runs_with_default_trainer(tmp_path):
+    from tests.engine.test_hooks_best_early import default_trainer, digits_cfg
+
+    cfg = digits_cfg(tmp_path, "SOLVER.MAX_ITER", 20, "SOLVER.CHECKPOINT_PERIOD", 100)
+    ema_hook = EMAHook(decay=0.9, warmup_iters=5)
+    ema_results = []
+
+    def make_hooks(trainer):
+        def evaluate_ema():
+            with ema_hook.ema.apply_to(trainer.model):
+                results = {"ema": trainer.test(cfg, trainer.model)}
+            ema_results.append(results)
+            return results
+
+        return [ema_hook, hooks.EvalHook(cfg.TEST.EVAL_PERIOD, evaluate_ema)]
+
+    trainer = default_trainer(cfg, make_hooks)
+    trainer.train()
+    top1 = trainer.storage.history("ema/classification/top1")
+    assert [it for _, it in top1.values()] == [9, 19]
+    assert [v for v, _ in top1.values()] == [r["ema"]["classification"]["top1"] for r in ema_results]
+    assert ema_hook.ema.num_updates == 20
+    final = torch.load(tmp_path / "model_final.pth", weights_only=True)["trainer"]["hooks"]["EMAHook"]
+    assert final["num_updates"] == 20
+    for name, value in ema_hook.ema.weights().items():
+        assert torch.equal(final["weights"][name], value), name
