@@ -1,12 +1,10 @@
 import collections
 import logging
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from trainkit.checkpoint import Checkpointer, CheckpointError, PeriodicCheckpointer
@@ -73,18 +71,6 @@ def test_checkpoint_file_holds_model_checkpointables_and_extra_data(tmp_path):
     assert sorted(data) == ["best", "iteration", "model", "optimizer"]
     assert list(data["model"]) == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
     assert (tmp_path / "last_checkpoint").read_text() == "m.pth"
-
-
-@pytest.fixture
-def gloo_group():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_model_saves_without_module_prefix_and_loads_into_either_form(tmp_path, gloo_group):

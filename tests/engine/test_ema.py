@@ -1,10 +1,8 @@
 import itertools
-import socket
 from fractions import Fraction
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from trainkit.checkpoint import Checkpointer
@@ -159,18 +157,6 @@ def test_bad_arguments_are_clear_errors():
         EMAHook(warmup_iters=-1)
     with pytest.raises(ValueError, match="The model has 2 parameters and buffers, the EMA 7"):
         ModelEMA(LinearBN()).update(nn.Linear(3, 2))
-
-
-@pytest.fixture
-def gloo_group():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_ddp_model_is_averaged_through_its_module(gloo_group):
