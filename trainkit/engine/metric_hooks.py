@@ -4,6 +4,7 @@ Register them after the :class:`~trainkit.engine.hooks.EvalHook` whose results t
 period. Both are exported from :mod:`trainkit.engine.hooks`.
 """
 import logging
+import math
 from typing import Any, Dict, Optional
 
 from trainkit.engine.train_loop import HookBase
@@ -18,10 +19,6 @@ def _improves(value: float, best: Optional[float], mode: str, min_delta: float =
     if best is None:
         return True
     return value > best + min_delta if mode == "max" else value < best - min_delta
-
-
-def _is_finite(value: float) -> bool:
-    return abs(value) < float("inf")  # False for NaN as well as for +-inf
 
 
 class _EvalMetricHook(HookBase):
@@ -142,7 +139,7 @@ class BestCheckpointer(_EvalMetricHook):
         if value is None:
             return
         name, best, best_iter = self._val_metric, self.best_metric, self.best_iter
-        if not _is_finite(value):
+        if not math.isfinite(value):
             logger.warning(
                 "BestCheckpointer: %s = %s at iteration %d is not a finite number; not saved.", name, value, iteration
             )
@@ -217,7 +214,7 @@ class EarlyStopping(_EvalMetricHook):
         if value is None:
             return
         it = self.trainer.iter
-        if _is_finite(value) and _improves(value, self.best_metric, self._mode, self._min_delta):
+        if math.isfinite(value) and _improves(value, self.best_metric, self._mode, self._min_delta):
             self.best_metric, self.best_iter, self.num_bad_evals = value, it, 0
             return
         self.num_bad_evals += 1
