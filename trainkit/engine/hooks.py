@@ -291,11 +291,13 @@ class PreemptionHandler(HookBase):
         self._check_period = max(1, int(check_period))
         self._received: Optional[str] = None
         self._pid = os.getpid()
+        self._distributed = False
         self._previous: Dict[int, Any] = {}
 
     def before_train(self) -> None:
         self._received = None
         self._pid = os.getpid()
+        self._distributed = comm.get_world_size() > 1  # looked up once: after_step runs every iteration
         if threading.current_thread() is not threading.main_thread():
             logger.warning("PreemptionHandler: not in the main thread, so no signal handlers are installed.")
             return
@@ -319,7 +321,7 @@ class PreemptionHandler(HookBase):
 
     def after_step(self) -> None:
         received = self._received is not None
-        if comm.get_world_size() > 1:
+        if self._distributed:
             if (self.trainer.iter + 1) % self._check_period != 0:
                 return
             received = any(comm.all_gather(received))
