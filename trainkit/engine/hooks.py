@@ -110,11 +110,13 @@ class IterationTimer(HookBase):
         self._train_start = 0.0
         self._timed_start: Optional[float] = None  # wall time when the first timed iteration began
         self._timed_iters = 0
+        self._warmup_left = warmup_iter
 
     def before_train(self) -> None:
         self._train_start = time.perf_counter()
         self._timed_start = None
         self._timed_iters = 0
+        self._warmup_left = self._warmup_iter
 
     def after_train(self) -> None:
         total = time.perf_counter() - self._train_start
@@ -134,12 +136,13 @@ class IterationTimer(HookBase):
 
     def after_step(self) -> None:
         self._step_end = now = time.perf_counter()
-        done = self.trainer.iter - self.trainer.start_iter + 1
-        if done > self._warmup_iter:
-            if self._timed_start is None:
-                self._timed_start = self._step_start
-            self._timed_iters += 1
-            self.trainer.storage.put_scalar("time", now - self._step_start)
+        if self._warmup_left > 0:
+            self._warmup_left -= 1
+            return
+        if self._timed_start is None:
+            self._timed_start = self._step_start
+        self._timed_iters += 1
+        self.trainer.storage.put_scalar("time", now - self._step_start)
 
 
 class LRScheduler(HookBase):
@@ -214,10 +217,14 @@ class PeriodicWriter(HookBase):
         if period < 1:
             raise ValueError(f"PeriodicWriter period must be >= 1 iteration, got {period}; e.g. SOLVER.LOG_PERIOD.")
         self._period = period
+        self._last_iter = -1  # set from the trainer in before_train
+
+    def before_train(self) -> None:
+        self._last_iter = self.trainer.max_iter - 1
 
     def after_step(self) -> None:
         it = self.trainer.iter
-        if (it + 1) % self._period == 0 or it == self.trainer.max_iter - 1:
+        if (it + 1) % self._period == 0 or it == self._last_iter:
             for writer in self._writers:
                 writer.write()
 
