@@ -9,10 +9,11 @@ iteration does; :meth:`SimpleTrainer.flush_metrics` is the only place the step's
 import concurrent.futures
 import logging
 import math
-import time
+import operator
 import weakref
-from contextlib import nullcontext
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from functools import reduce
+from time import perf_counter
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -167,8 +168,9 @@ class TrainerBase:
             fn()
 
     def before_step(self) -> None:
-        # Values put during this step belong to this iteration.
-        self.storage.iter = self.iter
+        # Values put during this step belong to this iteration (the `iter` setter, without its int(): this
+        # runs every step).
+        self.storage._iter = self.iter
         for fn in self._dispatch["before_step"]:
             fn()
 
@@ -219,16 +221,18 @@ class TrainerBase:
 
 
 def _sum_losses(loss_dict: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    if not loss_dict:
+    try:
+        return reduce(operator.add, loss_dict.values())  # a single loss is returned as it is, with no add
+    except TypeError:
+        if loss_dict:
+            raise
         raise ValueError(
             "The model returned an empty dict of losses; in training mode it must return a dict of scalar loss "
             "tensors (or one loss tensor)."
-        )
-    values = iter(loss_dict.values())
-    total = next(values)
-    for v in values:
-        total = total + v
-    return total
+        ) from None
+
+
+_detach = torch.Tensor.detach
 
 
 class SimpleTrainer(TrainerBase):
@@ -244,6 +248,9 @@ class SimpleTrainer(TrainerBase):
     the first bad iteration, at the latest at that gather (before the optimizer step of that iteration).
     ``gather_metric_period=1`` checks and writes every step, like detectron2.
 
+    Losses computed on the CPU are read as floats in their own step instead (see
+    :attr:`read_cpu_losses_at_once`): there is no device to wait for, and the gathers stay as they are.
+
     Args:
         model: returns a dict of scalar loss tensors (or one tensor) from ``model(batch)`` in training mode.
         data_loader: an iterable of batches; iterated without end (wrap a finite one yourself).
@@ -255,6 +262,13 @@ class SimpleTrainer(TrainerBase):
             Worth it on GPUs (the host does not stall before launching the step); a non-finite loss then
             raises after that step instead of before it.
     """
+
+    #: Read losses that live on the CPU as floats in their own step. Reading a CPU tensor is a memory load, not
+    #: a transfer, while keeping one small tensor per iteration alive until the gather made an MLP's step on the
+    #: CPU 1-3% slower (benchmarks/README.md). Losses on an accelerator are always kept as tensors until the
+    #: gather. Set it to False to treat CPU losses like device ones (the tests do, to check that path without
+    #: a GPU).
+    read_cpu_losses_at_once: bool = True
 
     def __init__(
         self,
@@ -276,12 +290,14 @@ class SimpleTrainer(TrainerBase):
         self.gather_metric_period = gather_metric_period
         self.zero_grad_before_forward = zero_grad_before_forward
         self.async_write_metrics = async_write_metrics
-        # Pending metrics: the loss names, then per iteration its number, a row of detached loss tensors and
-        # its data_time.
-        self._pending_keys: Sequence[str] = ()
-        self._pending_names: Sequence[str] = ()
+        # Pending metrics: the loss names; per iteration its number and data_time; the detached loss tensors
+        # of every pending iteration, row after row (one value per name).
+        self._pending_keys: Tuple[str, ...] = ()
+        self._pending_names: Tuple[str, ...] = ()
+        self._pending_on_cpu: Optional[bool] = None
+        self._pending_floats = False  # the pending losses are floats (CPU losses read at once), not tensors
         self._pending_iters: List[int] = []
-        self._pending_rows: List[List[torch.Tensor]] = []
+        self._pending_losses: List[Union[float, torch.Tensor]] = []
         self._pending_data_time: List[float] = []
         self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._inflight: Optional[Any] = None  # (future, (names, iters, data_time)) of an async gather
@@ -291,16 +307,13 @@ class SimpleTrainer(TrainerBase):
         """One iteration: data, forward, backward, ``after_backward`` hooks, metrics, optimizer step."""
         if not self.model.training:
             raise RuntimeError("SimpleTrainer.run_step: the model was switched to eval mode; call model.train().")
-        start = time.perf_counter()
+        start = perf_counter()
         data = next(self._data_loader_iter)
-        data_time = time.perf_counter() - start
+        data_time = perf_counter() - start
 
         if self.zero_grad_before_forward:
             self.optimizer.zero_grad()
-        with self.autocast():
-            loss_dict = self.model(data)
-        if isinstance(loss_dict, torch.Tensor):
-            loss_dict = {"total_loss": loss_dict}
+        loss_dict = self.compute_losses(data)
         losses = _sum_losses(loss_dict)
         if not self.zero_grad_before_forward:
             self.optimizer.zero_grad()
@@ -309,11 +322,15 @@ class SimpleTrainer(TrainerBase):
 
         self._record_metrics(loss_dict, losses, data_time)
         self.optimizer_step()
-        self._finish_gather()  # with async_write_metrics, the gather's transfer overlapped the optimizer step
+        if self._inflight is not None:  # async_write_metrics: the transfer overlapped the optimizer step
+            self._finish_gather()
 
-    def autocast(self) -> Any:
-        """The context the forward runs in: none here; :class:`AMPTrainer` autocasts."""
-        return nullcontext()
+    def compute_losses(self, data: Any) -> Dict[str, torch.Tensor]:
+        """The forward: ``model(data)`` as a dict of losses (under autocast in :class:`AMPTrainer`)."""
+        loss_dict = self.model(data)
+        if isinstance(loss_dict, torch.Tensor):
+            return {"total_loss": loss_dict}
+        return loss_dict
 
     def backward(self, losses: torch.Tensor) -> None:
         """The backward pass (a scaled one in :class:`AMPTrainer`)."""
@@ -339,24 +356,37 @@ class SimpleTrainer(TrainerBase):
     # ---- metrics -------------------------------------------------------------------------------------------
     def _record_metrics(self, loss_dict: Mapping[str, torch.Tensor], losses: torch.Tensor, data_time: float) -> None:
         keys = tuple(loss_dict)
-        if self._pending_rows and keys != self._pending_keys:
-            self.flush_metrics()  # the model returned other losses than before: write what we have first
-        if not self._pending_rows:
-            if len(keys) > 1 and "total_loss" in keys:
-                raise ValueError(
-                    f"The model returned a loss named 'total_loss' besides other losses ({list(keys)}); trainkit "
-                    "records their sum under that name. Rename that loss."
-                )
-            self._pending_keys = keys
-            self._pending_names = keys if len(keys) == 1 else keys + ("total_loss",)
-        row = [v.detach() for v in loss_dict.values()]
-        if len(loss_dict) > 1:
-            row.append(losses.detach())
-        self._pending_rows.append(row)
-        self._pending_iters.append(self.iter)
+        on_cpu = losses.is_cpu
+        if keys != self._pending_keys or on_cpu is not self._pending_on_cpu:
+            self._set_loss_names(keys, on_cpu)
+        pending = self._pending_losses
+        if self._pending_floats:
+            pending.extend(map(torch.Tensor.item, loss_dict.values()))
+            if len(keys) > 1:
+                pending.append(losses.item())
+        else:
+            pending.extend(map(_detach, loss_dict.values()))
+            if len(keys) > 1:
+                pending.append(losses.detach())
+        it = self.iter
+        self._pending_iters.append(it)
         self._pending_data_time.append(data_time)
-        if (self.iter + 1) % self.gather_metric_period == 0 or self.iter == self.max_iter - 1:
+        if (it + 1) % self.gather_metric_period == 0 or it == self.max_iter - 1:
             self._start_gather(reduce=True, in_background=self.async_write_metrics)
+
+    def _set_loss_names(self, keys: Tuple[str, ...], on_cpu: bool) -> None:
+        # The model returned other losses than before, or on another device (or it is the first step): write
+        # what is pending first.
+        self.flush_metrics()
+        if len(keys) > 1 and "total_loss" in keys:
+            raise ValueError(
+                f"The model returned a loss named 'total_loss' besides other losses ({list(keys)}); trainkit "
+                "records their sum under that name. Rename that loss."
+            )
+        self._pending_keys = keys
+        self._pending_names = keys if len(keys) == 1 else keys + ("total_loss",)
+        self._pending_on_cpu = on_cpu
+        self._pending_floats = on_cpu and self.read_cpu_losses_at_once
 
     def flush_metrics(self, reduce: bool = True) -> None:
         """Moves the pending per-iteration metrics into the storage now.
@@ -376,14 +406,16 @@ class SimpleTrainer(TrainerBase):
         # Stacks (and reduces) the pending metrics on the device; the host transfer runs here, or on a
         # background thread while the step goes on (the optimizer step's kernels get launched meanwhile).
         self._finish_gather()
-        if not self._pending_rows:
+        if not self._pending_iters:
             return
         batch = (self._pending_names, self._pending_iters, self._pending_data_time)
         values, data_time_included = self._gather_on_device(reduce)
-        self._pending_iters, self._pending_rows, self._pending_data_time = [], [], []
+        self._pending_iters, self._pending_losses, self._pending_data_time = [], [], []
         if data_time_included:
             batch = batch[:2] + (None,)
-        if in_background:
+        if isinstance(values, list):  # already on the host
+            self._put_metrics(values, *batch)
+        elif in_background:
             if self._executor is None:
                 self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="trainkit-metrics")
             self._inflight = (self._executor.submit(values.tolist), batch)
@@ -396,22 +428,28 @@ class SimpleTrainer(TrainerBase):
             self._inflight = None
             self._put_metrics(future.result(), *batch)
 
-    def _gather_on_device(self, reduce: bool) -> Tuple[torch.Tensor, bool]:
-        # The pending losses as one flat tensor (iterations x metrics, row-major): one stack, one transfer.
-        # With several processes, data_time joins as a last column and the collective reduces the losses to
-        # their mean and data_time to its maximum (the slowest rank is what everyone waits for). Returns the
-        # tensor and whether data_time is in it (otherwise it stays on the host).
-        flat = [t for row in self._pending_rows for t in row]
-        try:
-            losses = torch.stack(flat)  # promotes mixed float dtypes
-        except RuntimeError:  # losses on several devices, or one-element losses of shapes () and (1,) mixed
-            losses = torch.stack([t.to(flat[0].device, torch.float32).reshape(()) for t in flat])
-        losses = losses.view(-1)  # losses of shape (1,) stack to (n, 1)
+    def _gather_on_device(self, reduce: bool) -> Tuple[Union[List[float], torch.Tensor], bool]:
+        # The pending losses, iterations x metrics, row-major: floats as they are, tensors as one flat tensor
+        # (one stack, one transfer). With several processes, data_time joins as a last column and the
+        # collective reduces the losses to their mean and data_time to its maximum (the slowest rank is what
+        # everyone waits for). Returns the values and whether data_time is in them (otherwise it stays on the
+        # host).
+        flat = self._pending_losses
         world_size = comm.get_world_size()
-        if not reduce or world_size == 1:
-            return losses, False
+        if self._pending_floats:
+            if not reduce or world_size == 1:
+                return flat, False
+            losses = torch.tensor(flat, dtype=torch.float32)
+        else:
+            try:
+                losses = torch.stack(flat)  # promotes mixed float dtypes
+            except RuntimeError:  # losses on several devices, or one-element losses of shapes () and (1,) mixed
+                losses = torch.stack([t.to(flat[0].device, torch.float32).reshape(()) for t in flat])
+            losses = losses.view(-1)  # losses of shape (1,) stack to (n, 1)
+            if not reduce or world_size == 1:
+                return losses, False
         data_time = torch.tensor(self._pending_data_time, dtype=torch.float32, device=losses.device)
-        values = torch.cat([losses.float().view(len(self._pending_rows), -1), data_time.view(-1, 1)], dim=1)
+        values = torch.cat([losses.float().view(len(self._pending_iters), -1), data_time.view(-1, 1)], dim=1)
         gathered = [torch.empty_like(values) for _ in range(world_size)]
         torch.distributed.all_gather(gathered, values)
         stacked = torch.stack(gathered)
@@ -518,8 +556,9 @@ class AMPTrainer(SimpleTrainer):
         self.precision = precision
         self.log_grad_scaler = log_grad_scaler
 
-    def autocast(self) -> Any:
-        return torch.autocast(device_type=self.device_type, dtype=self.precision)
+    def compute_losses(self, data: Any) -> Dict[str, torch.Tensor]:
+        with torch.autocast(device_type=self.device_type, dtype=self.precision):
+            return super().compute_losses(data)
 
     def backward(self, losses: torch.Tensor) -> None:
         if self.grad_scaler is None:
