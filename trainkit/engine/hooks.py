@@ -117,6 +117,7 @@ class IterationTimer(HookBase):
         self._timed_start = None
         self._timed_iters = 0
         self._warmup_left = self._warmup_iter
+        self._storage = self.trainer.storage  # this run's; read here once, not through the proxy every step
 
     def after_train(self) -> None:
         total = time.perf_counter() - self._train_start
@@ -142,7 +143,7 @@ class IterationTimer(HookBase):
         if self._timed_start is None:
             self._timed_start = self._step_start
         self._timed_iters += 1
-        self.trainer.storage.put_scalar("time", now - self._step_start)
+        self._storage.put_scalar("time", now - self._step_start)
 
 
 class LRScheduler(HookBase):
@@ -167,6 +168,7 @@ class LRScheduler(HookBase):
         if self._scheduler is None:
             self._scheduler = self.trainer.scheduler
         self._group = self._pick_group(self._optimizer)
+        self._storage = self.trainer.storage  # this run's; read here once, not through the proxy every step
 
     @staticmethod
     def _pick_group(optimizer: torch.optim.Optimizer) -> int:
@@ -186,7 +188,7 @@ class LRScheduler(HookBase):
 
     def after_step(self) -> None:
         lr = self._optimizer.param_groups[self._group]["lr"]
-        self.trainer.storage.put_scalar("lr", lr, smoothing_hint=False)
+        self._storage.put_scalar("lr", lr, smoothing_hint=False)
         self._scheduler.step()
 
     def state_dict(self) -> Dict[str, Any]:
