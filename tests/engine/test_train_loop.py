@@ -122,6 +122,27 @@ def test_after_train_runs_when_a_step_raises_and_the_error_propagates():
     assert trainer.iter == 2
 
 
+def test_every_after_train_runs_when_one_raises_and_the_first_error_propagates(tmp_path):
+    log = []
+
+    class RaisesAtEnd(HookBase):
+        def __init__(self, message):
+            self.message = message
+
+        def after_train(self):
+            raise RuntimeError(self.message)
+
+    path = tmp_path / "metrics.json"
+    trainer = make_trainer()
+    trainer.register_hooks([RaisesAtEnd("first"), Recorder("r", log), RaisesAtEnd("second"),
+                            hooks.PeriodicWriter([JSONWriter(str(path))], period=100)])
+    with pytest.raises(RuntimeError, match="first"):
+        trainer.train(0, 5)
+    assert log[-1] == ("r", "after_train", 5)
+    # The writer registered after both failing hooks still wrote the last iteration and closed its file.
+    assert [json.loads(line)["iteration"] for line in path.read_text().splitlines()] == [4]
+
+
 def test_every_iteration_metrics_reach_the_storage_exactly():
     # Reference: the same model and data trained by hand, recording each iteration's losses.
     ref_model = TwoLossModel()

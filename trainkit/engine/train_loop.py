@@ -164,8 +164,18 @@ class TrainerBase:
             # Finished: what is put now (a final evaluation) belongs after the last iteration. A stopped or
             # failed run keeps the storage at the iteration it was in.
             self.storage.iter = self.iter
+        # Every hook's after_train runs, also after one of them raised (a writer after it must still flush and
+        # close); the first error is raised once all have run.
+        errors = []
         for fn in self._dispatch["after_train"]:
-            fn()
+            try:
+                fn()
+            except Exception as e:
+                hook = type(getattr(fn, "__self__", fn)).__name__
+                logger.exception("after_train of %s raised; the other hooks' after_train still run:", hook)
+                errors.append(e)
+        if errors:
+            raise errors[0]
 
     def before_step(self) -> None:
         # Values put during this step belong to this iteration (the `iter` setter, without its int(): this
