@@ -37,6 +37,7 @@ def _collect_comm_results(out_dir: str) -> None:
     results["marker_seen_after_synchronize"] = os.path.exists(marker)
 
     results["all_gather"] = comm.all_gather({"rank": rank, "square": (rank + 3) ** 2})
+    results["all_gather_ints"] = comm.all_gather_ints([rank, 7, 2**40 + rank])
     results["gather_to_0"] = comm.gather(f"from {rank}")
     results["gather_to_1"] = comm.gather([rank, rank], dst=1)
     # A group holding only global rank 1: gather's dst is a global rank, not a rank within the group.
@@ -80,6 +81,11 @@ def test_ranks_and_world_size_in_two_processes(two_process_results):
 
 def test_synchronize_waits_for_every_process(two_process_results):
     assert [r["marker_seen_after_synchronize"] for r in two_process_results] == [True, True]
+
+
+def test_all_gather_ints_returns_every_rank_ints_in_rank_order(two_process_results):
+    for r in two_process_results:
+        assert r["all_gather_ints"] == [[0, 7, 2**40], [1, 7, 2**40 + 1]]
 
 
 def test_all_gather_returns_every_rank_object_in_rank_order(two_process_results):
@@ -138,6 +144,7 @@ def test_all_gather_and_gather_without_distributed(no_process_group):
     assert comm.all_gather(obj) == [obj]
     assert comm.all_gather(obj)[0] is obj
     assert comm.gather(obj) == [obj]
+    assert comm.all_gather_ints((3, 4)) == [[3, 4]]
 
 
 def test_shared_random_seed_without_distributed_is_the_local_draw(no_process_group):

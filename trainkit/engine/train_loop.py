@@ -11,6 +11,7 @@ import logging
 import math
 import operator
 import weakref
+import zlib
 from functools import reduce
 from time import perf_counter
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -305,6 +306,7 @@ class SimpleTrainer(TrainerBase):
         self._pending_keys: Tuple[str, ...] = ()
         self._pending_names: Tuple[str, ...] = ()
         self._pending_on_cpu: Optional[bool] = None
+        self._next_keys: Optional[Tuple[str, ...]] = None  # set while the pending losses are flushed for a change
         self._pending_floats = False  # the pending losses are floats (CPU losses read at once), not tensors
         self._pending_iters: List[int] = []
         self._pending_losses: List[Union[float, torch.Tensor]] = []
@@ -387,7 +389,11 @@ class SimpleTrainer(TrainerBase):
     def _set_loss_names(self, keys: Tuple[str, ...], on_cpu: bool) -> None:
         # The model returned other losses than before, or on another device (or it is the first step): write
         # what is pending first.
-        self.flush_metrics()
+        self._next_keys = keys  # named in the error when other processes do not change alike
+        try:
+            self.flush_metrics()
+        finally:
+            self._next_keys = None
         if len(keys) > 1 and "total_loss" in keys:
             raise ValueError(
                 f"The model returned a loss named 'total_loss' besides other losses ({list(keys)}); trainkit "
@@ -458,6 +464,7 @@ class SimpleTrainer(TrainerBase):
             losses = losses.view(-1)  # losses of shape (1,) stack to (n, 1)
             if not reduce or world_size == 1:
                 return losses, False
+        self._check_ranks_agree_on_pending_metrics()
         data_time = torch.tensor(self._pending_data_time, dtype=torch.float32, device=losses.device)
         values = torch.cat([losses.float().view(len(self._pending_iters), -1), data_time.view(-1, 1)], dim=1)
         gathered = [torch.empty_like(values) for _ in range(world_size)]
@@ -465,6 +472,25 @@ class SimpleTrainer(TrainerBase):
         stacked = torch.stack(gathered)
         values = torch.cat([stacked[:, :, :-1].mean(dim=0), stacked[:, :, -1:].amax(dim=0)], dim=1)
         return values.view(-1), True
+
+    def _check_ranks_agree_on_pending_metrics(self) -> None:
+        # The all_gather of the metrics needs the same shape on every rank; otherwise gloo aborts the process
+        # and NCCL hangs. Compare first (count of iterations, the names in order), in one small CPU collective.
+        names = self._pending_names
+        layout = [len(self._pending_iters), zlib.crc32("\0".join(names).encode())]
+        layouts = comm.all_gather_ints(layout)
+        if all(other == layout for other in layouts):
+            return
+        ranks = comm.all_gather((list(names), self._pending_iters[0], self._pending_iters[-1], self._next_keys))
+        described = "; ".join(
+            f"rank {r}: {n} for iterations {first}..{last}" + (f", then {list(nxt)} from {last + 1}" if nxt else "")
+            for r, (n, first, last, nxt) in enumerate(ranks)
+        )
+        raise RuntimeError(
+            f"The processes disagree on the losses to average: {described}. Every process's model must return "
+            "the same loss names, in the same order, at every iteration (return a zero loss for one that does not "
+            "apply), and flush_metrics() must be called on every process at the same iteration."
+        )
 
     def _put_metrics(
         self, flat: List[float], names: Sequence[str], iters: List[int], data_time: Optional[List[float]]
