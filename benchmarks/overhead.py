@@ -115,7 +115,8 @@ def measure(workload: str, variant: str, iters: int, repeats: int, tmp: str) -> 
             path = os.path.join(tmp, f"{workload}_{variant}_{which}_{r}.json")
             gc.collect()
             if variant == "tensors":
-                times[which] = trainkit_loop(model, data, opt, sched, iters, False, path, read_cpu_losses_at_once=which == 0)
+                times[which] = trainkit_loop(model, data, opt, sched, iters, False, path,
+                                             read_cpu_losses_at_once=which == 0)
             elif which == 0:
                 times[0] = hand_loop(model, data, opt, sched, iters, with_extras, path)
             else:
@@ -174,11 +175,12 @@ def main() -> None:
             print(f"{workload:<8} {variant:<7} {r['hand_us_per_iter']:>11.1f} {r['trainkit_us_per_iter']:>15.1f} "
                   f"{r['ratio']:>7.3f}")
         if args.loss_paths:
-            print(f"\n{'workload':<8} {'floats us/it':>13} {'tensors us/it':>14} {'ratio':>7}   (CPU losses: read at once "
-                  "vs kept as tensors until the gather; trainkit bare)")
+            print(f"\n{'workload':<8} {'floats us/it':>13} {'tensors us/it':>14} {'ratio':>7}   "
+                  "(CPU losses: read at once vs kept as tensors until the gather; trainkit bare)")
             for workload in ("tiny", "mlp"):
                 r = measure(workload, "tensors", args.iters, args.repeats, tmp)
-                print(f"{workload:<8} {r['hand_us_per_iter']:>13.1f} {r['trainkit_us_per_iter']:>14.1f} {r['ratio']:>7.3f}")
+                print(f"{workload:<8} {r['hand_us_per_iter']:>13.1f} {r['trainkit_us_per_iter']:>14.1f} "
+                      f"{r['ratio']:>7.3f}")
     if not args.skip_memory:
         m = storage_memory()
         print(f"EventStorage: {m['iters']:,} iterations x 10 scalars: resident memory grew {m['growth_mb']:.1f} MB "

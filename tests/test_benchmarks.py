@@ -15,6 +15,7 @@ def test_overhead_benchmark_prints_a_ratio_for_every_workload_and_variant():
     rows = {tuple(line.split()[:2]): line.split() for line in out.splitlines() if line.startswith(("tiny", "mlp"))}
     for key in [("tiny", "bare"), ("tiny", "hooks"), ("mlp", "bare"), ("mlp", "hooks")]:
         hand, trainkit, ratio = map(float, rows[key][2:5])
-        assert hand > 0 and trainkit > 0 and abs(ratio - trainkit / hand) < 0.01  # one repeat: the ratio of the two times
-    loss_paths = [line.split() for line in out.splitlines() if line.split()[:1] in (["tiny"], ["mlp"]) and len(line.split()) == 4]
+        # One repeat: the printed ratio is that of the two printed times.
+        assert hand > 0 and trainkit > 0 and abs(ratio - trainkit / hand) < 0.01
+    loss_paths = [row for row in map(str.split, out.splitlines()) if row[:1] in (["tiny"], ["mlp"]) and len(row) == 4]
     assert [row[0] for row in loss_paths] == ["tiny", "mlp"]

@@ -50,7 +50,9 @@ def _train_both_ways(out_dir: str) -> None:
         trainer.train(0, ITERS)
         results[str(read_at_once)] = {
             "own_total": seen,
-            "stored": {name: trainer.storage.history(name).values() for name in ("total_loss", "loss_mse", "data_time")},
+            "stored": {
+                name: trainer.storage.history(name).values() for name in ("total_loss", "loss_mse", "data_time")
+            },
         }
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)

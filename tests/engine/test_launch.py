@@ -223,7 +223,9 @@ if __name__ == "__main__":
 def test_workers_blocked_in_a_collective_die_with_a_killed_launcher(tmp_path):
     script = tmp_path / "hang.py"
     script.write_text(_ORPHAN_SCRIPT)
-    launcher = subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=_clean_env())
+    # The killed launcher cannot remove its temporary folder: let it make it under tmp_path, not in /tmp.
+    env = {**_clean_env(), "TMPDIR": str(tmp_path)}
+    launcher = subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env)
     worker_pids: List[int] = []
     try:
         deadline = time.monotonic() + 60
