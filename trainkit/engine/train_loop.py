@@ -301,8 +301,9 @@ class SimpleTrainer(TrainerBase):
         self.gather_metric_period = gather_metric_period
         self.zero_grad_before_forward = zero_grad_before_forward
         self.async_write_metrics = async_write_metrics
-        # Pending metrics: the loss names; per iteration its number and data_time; the detached loss tensors
-        # of every pending iteration, row after row (one value per name).
+        # Pending metrics: the loss names; per iteration its number and data_time; the losses of every pending
+        # iteration, row after row (one value per name): floats for CPU losses read at once, else detached
+        # tensors.
         self._pending_keys: Tuple[str, ...] = ()
         self._pending_names: Tuple[str, ...] = ()
         self._pending_on_cpu: Optional[bool] = None
@@ -421,6 +422,7 @@ class SimpleTrainer(TrainerBase):
     def _start_gather(self, reduce: bool, in_background: bool) -> None:
         # Stacks (and reduces) the pending metrics on the device; the host transfer runs here, or on a
         # background thread while the step goes on (the optimizer step's kernels get launched meanwhile).
+        # Floats (CPU losses read at once) need no transfer and go to the storage here.
         self._finish_gather()
         if not self._pending_iters:
             return
