@@ -1,7 +1,10 @@
-"""The benchmark script runs end to end (a few iterations; its timings are never asserted here)."""
+"""The benchmark scripts run end to end (a few iterations; their timings are never asserted here)."""
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,3 +22,35 @@ def test_overhead_benchmark_prints_a_ratio_for_every_workload_and_variant():
         assert hand > 0 and trainkit > 0 and abs(ratio - trainkit / hand) < 0.01
     loss_paths = [row for row in map(str.split, out.splitlines()) if row[:1] in (["tiny"], ["mlp"]) and len(row) == 4]
     assert [row[0] for row in loss_paths] == ["tiny", "mlp"]
+
+
+def test_instruction_counter_children_train_the_hand_written_and_trainkit_loops():
+    # instructions.py runs each variant in a child process under valgrind; here the children run without it.
+    for variant in ("hand-hooks", "trainkit-hooks"):
+        subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "instructions.py"), "--child", variant, "--iters", "5"],
+            capture_output=True, text=True, timeout=120, check=True,
+        )
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind")
+def test_instruction_counts_per_iteration_come_from_the_difference_of_two_runs(tmp_path):
+    # The method of instructions.py on a loop whose cost is known to be small: start-up (the interpreter's
+    # millions of instructions) cancels out, and what is left is per iteration.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import instructions
+    finally:
+        sys.path.pop(0)
+    totals = []
+    for n in (1000, 21000):
+        out = tmp_path / f"{n}.cg"
+        subprocess.run(
+            ["valgrind", "--tool=cachegrind", "--cache-sim=no", f"--cachegrind-out-file={out}", sys.executable,
+             "-S", "-c", f"for i in range({n}): pass"],
+            capture_output=True, timeout=120, check=True,
+        )
+        totals.append(instructions.read_summary(str(out)))
+    assert totals[0]["Ir"] > 1_000_000  # the interpreter's start-up
+    per_iter = instructions.per_iteration(totals[0], totals[1], 20000)["Ir"]
+    assert 5 < per_iter < 500  # one FOR_ITER and one STORE_NAME per iteration
