@@ -142,6 +142,73 @@ def test_lr_scheduler_state_is_saved_with_the_trainer_and_resumes_the_same_curve
     assert resumed == [(0.05 * 0.5 ** (i // 4), i) for i in range(6, 11)]
 
 
+class PutsValidationLoss(HookBase):
+    """Puts ``val_loss`` in ``after_step`` of the given iterations, as an evaluation hook would."""
+
+    def __init__(self, values_by_iter):
+        self.values_by_iter = values_by_iter
+
+    def after_step(self):
+        if self.trainer.iter in self.values_by_iter:
+            self.trainer.storage.put_scalar("val_loss", self.values_by_iter[self.trainer.iter], smoothing_hint=False)
+
+
+_VAL_LOSSES = {2: 1.0, 5: 1.0, 8: 1.0, 11: 0.5, 13: 0.5}
+
+
+def _plateau_trainer():
+    trainer = make_trainer()
+    trainer.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(trainer.optimizer, factor=0.5, patience=1)
+    return trainer
+
+
+def test_lr_scheduler_steps_reduce_on_plateau_once_per_new_value_of_its_metric():
+    seen = {}
+    trainer = _plateau_trainer()
+    trainer.register_hooks([hooks.LRScheduler(metric="val_loss"), PutsValidationLoss(_VAL_LOSSES), _keep_histories(seen)])
+    trainer.train(0, 15)
+    # patience=1: the third value without improvement (put at 8, seen after iteration 9) halves the LR, which
+    # iteration 10 is the first to use; 0.5 at 11 is an improvement; nothing in between steps the scheduler.
+    assert seen["lr"].values() == [(0.05, i) for i in range(10)] + [(0.025, i) for i in range(10, 15)]
+    assert trainer.scheduler.last_epoch == len(_VAL_LOSSES)
+    assert trainer.scheduler.best == 0.5
+
+
+@pytest.mark.parametrize("stop", [9, 10])
+def test_lr_scheduler_with_reduce_on_plateau_resumes_exactly(tmp_path, stop):
+    # Stopped after iteration 8, the value put at 8 is in the checkpoint's storage but has not stepped the
+    # scheduler yet: the resumed run must step on it once, at iteration 9, as the uninterrupted run does.
+    # Stopped after 9, it has: the resumed run must not step on it again.
+    whole = {}
+    trainer = _plateau_trainer()
+    trainer.register_hooks([hooks.LRScheduler(metric="val_loss"), PutsValidationLoss(_VAL_LOSSES), _keep_histories(whole)])
+    trainer.train(0, 15)
+
+    first = _plateau_trainer()
+    first.register_hooks([hooks.LRScheduler(metric="val_loss"), PutsValidationLoss(_VAL_LOSSES)])
+    first.train(0, stop)
+    torch.save(first.state_dict(), tmp_path / "state.pth")
+    resumed = {}
+    second = _plateau_trainer()
+    second.register_hooks([hooks.LRScheduler(metric="val_loss"), PutsValidationLoss(_VAL_LOSSES), _keep_histories(resumed)])
+    second.load_state_dict(torch.load(tmp_path / "state.pth", weights_only=True))
+    second.train(second.iter, 15)
+    assert resumed["lr"].values() == whole["lr"].values()
+    assert second.scheduler.state_dict() == trainer.scheduler.state_dict()
+
+
+def test_lr_scheduler_names_the_missing_or_needless_metric():
+    trainer = _plateau_trainer()
+    trainer.register_hooks([hooks.LRScheduler()])
+    with pytest.raises(ValueError, match=r"ReduceLROnPlateau steps on a metric.*LRScheduler\(metric='accuracy/top1'\)"):
+        trainer.train(0, 2)
+    trainer = make_trainer()
+    trainer.scheduler = _step_lr(trainer)
+    trainer.register_hooks([hooks.LRScheduler(metric="val_loss")])
+    with pytest.raises(ValueError, match="metric='val_loss'.*StepLR, which steps every iteration: leave metric out"):
+        trainer.train(0, 2)
+
+
 def _two_group_trainer(lr_small_group, lr_big_group, lambdas):
     # Group 0 holds one parameter tensor, group 1 three.
     model = TwoLossModel()

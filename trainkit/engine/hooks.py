@@ -153,22 +153,49 @@ class LRScheduler(HookBase):
     the group with the most parameters (as in detectron2; when every group holds a single parameter, the
     most common LR).
 
+    ``torch.optim.lr_scheduler.ReduceLROnPlateau`` steps on a metric instead: give ``metric``, the name of a
+    scalar in the storage (an evaluation result such as ``"accuracy/top1"``), and the scheduler steps once with
+    each new value of it, in the ``after_step`` that follows the value's ``put_scalar`` (with the default hook
+    order, the iteration after the evaluation). Put that metric as a Python number: a tensor put is seen only
+    once something reads the storage (the writers do, every period).
+
     Args:
         optimizer: defaults to ``trainer.optimizer``.
         scheduler: defaults to ``trainer.scheduler``.
+        metric: for ``ReduceLROnPlateau`` only: the scalar whose new values step it.
     """
 
-    def __init__(self, optimizer: Optional[torch.optim.Optimizer] = None, scheduler: Optional[Any] = None) -> None:
+    def __init__(
+        self, optimizer: Optional[torch.optim.Optimizer] = None, scheduler: Optional[Any] = None,
+        metric: Optional[str] = None,
+    ) -> None:
         self._optimizer = optimizer
         self._scheduler = scheduler
+        self._metric = metric
+        self._metric_iter = -1  # the iteration of the last metric value the scheduler stepped on
         self._group = 0
 
     def before_train(self) -> None:
         self._optimizer = self._optimizer or self.trainer.optimizer
         if self._scheduler is None:
             self._scheduler = self.trainer.scheduler
+        self._check_metric(self._scheduler)
         self._group = self._pick_group(self._optimizer)
         self._storage = self.trainer.storage  # this run's; read here once, not through the proxy every step
+
+    def _check_metric(self, scheduler: Any) -> None:
+        on_plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        if on_plateau and self._metric is None:
+            raise ValueError(
+                "ReduceLROnPlateau steps on a metric, not on iterations: give the LRScheduler hook the name of a "
+                "scalar in the storage, e.g. hooks.LRScheduler(metric='accuracy/top1') (in a DefaultTrainer, "
+                "override build_hooks and replace the LRScheduler hook it returns)."
+            )
+        if self._metric is not None and not on_plateau:
+            raise ValueError(
+                f"LRScheduler(metric={self._metric!r}) is for ReduceLROnPlateau, but the scheduler is a "
+                f"{type(scheduler).__name__}, which steps every iteration: leave metric out."
+            )
 
     @staticmethod
     def _pick_group(optimizer: torch.optim.Optimizer) -> int:
@@ -189,16 +216,38 @@ class LRScheduler(HookBase):
     def after_step(self) -> None:
         lr = self._optimizer.param_groups[self._group]["lr"]
         self._storage.put_scalar("lr", lr, smoothing_hint=False)
-        self._scheduler.step()
+        if self._metric is None:
+            self._scheduler.step()
+            return
+        # The metric's history as it is, not through history(), which would move pending tensors to the host
+        # every step. (The history, unlike latest(), is restored on resume: a value put just before the
+        # checkpoint is still stepped on.)
+        buf = self._storage._history.get(self._metric)
+        if buf is None:
+            return
+        value, itr = buf.values_tail()
+        if itr > self._metric_iter:
+            self._metric_iter = itr
+            self._scheduler.step(value)
 
     def state_dict(self) -> Dict[str, Any]:
-        if isinstance(self.scheduler, torch.optim.lr_scheduler.LRScheduler):
+        if not isinstance(self.scheduler, torch.optim.lr_scheduler.LRScheduler):
+            return {}
+        if self._metric is None:
             return self.scheduler.state_dict()
-        return {}
+        return {"scheduler": self.scheduler.state_dict(), "metric_iter": self._metric_iter}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         if isinstance(self.scheduler, torch.optim.lr_scheduler.LRScheduler):
             logger.info("Loading scheduler from state_dict ...")
+            if self._metric is not None:
+                if "metric_iter" not in state_dict:
+                    raise ValueError(
+                        f"LRScheduler(metric={self._metric!r}) got a scheduler state saved without a metric (keys: "
+                        f"{sorted(state_dict)}); resume a ReduceLROnPlateau run only from its own checkpoints."
+                    )
+                self._metric_iter = state_dict["metric_iter"]
+                state_dict = state_dict["scheduler"]
             self.scheduler.load_state_dict(state_dict)
 
 
