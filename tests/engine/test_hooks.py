@@ -156,6 +156,11 @@ class PutsValidationLoss(HookBase):
 _VAL_LOSSES = {2: 1.0, 5: 1.0, 8: 1.0, 11: 0.5, 13: 0.5}
 
 
+def _plateau_hooks(seen=None):
+    extra = [_keep_histories(seen)] if seen is not None else []
+    return [hooks.LRScheduler(metric="val_loss"), PutsValidationLoss(_VAL_LOSSES)] + extra
+
+
 def _plateau_trainer():
     trainer = make_trainer()
     trainer.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(trainer.optimizer, factor=0.5, patience=1)
@@ -165,7 +170,7 @@ def _plateau_trainer():
 def test_lr_scheduler_steps_reduce_on_plateau_once_per_new_value_of_its_metric():
     seen = {}
     trainer = _plateau_trainer()
-    trainer.register_hooks([hooks.LRScheduler(metric="val_loss"), PutsValidationLoss(_VAL_LOSSES), _keep_histories(seen)])
+    trainer.register_hooks(_plateau_hooks(seen))
     trainer.train(0, 15)
     # patience=1: the third value without improvement (put at 8, seen after iteration 9) halves the LR, which
     # iteration 10 is the first to use; 0.5 at 11 is an improvement; nothing in between steps the scheduler.
@@ -181,16 +186,16 @@ def test_lr_scheduler_with_reduce_on_plateau_resumes_exactly(tmp_path, stop):
     # Stopped after 9, it has: the resumed run must not step on it again.
     whole = {}
     trainer = _plateau_trainer()
-    trainer.register_hooks([hooks.LRScheduler(metric="val_loss"), PutsValidationLoss(_VAL_LOSSES), _keep_histories(whole)])
+    trainer.register_hooks(_plateau_hooks(whole))
     trainer.train(0, 15)
 
     first = _plateau_trainer()
-    first.register_hooks([hooks.LRScheduler(metric="val_loss"), PutsValidationLoss(_VAL_LOSSES)])
+    first.register_hooks(_plateau_hooks())
     first.train(0, stop)
     torch.save(first.state_dict(), tmp_path / "state.pth")
     resumed = {}
     second = _plateau_trainer()
-    second.register_hooks([hooks.LRScheduler(metric="val_loss"), PutsValidationLoss(_VAL_LOSSES), _keep_histories(resumed)])
+    second.register_hooks(_plateau_hooks(resumed))
     second.load_state_dict(torch.load(tmp_path / "state.pth", weights_only=True))
     second.train(second.iter, 15)
     assert resumed["lr"].values() == whole["lr"].values()
