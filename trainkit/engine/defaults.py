@@ -351,7 +351,11 @@ class DefaultTrainer(TrainerBase):
                 self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, max_to_keep=cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP or None
             ),
             hooks.PreemptionHandler(self.checkpointer, check_period=cfg.SOLVER.LOG_PERIOD),
-            hooks.PeriodicWriter(self.build_writers(), period=cfg.SOLVER.LOG_PERIOD) if comm.is_main_process() else None,
+            (
+                hooks.PeriodicWriter(self.build_writers(), period=cfg.SOLVER.LOG_PERIOD)
+                if comm.is_main_process()
+                else None
+            ),
         ]
 
     def build_writers(self) -> List[EventWriter]:

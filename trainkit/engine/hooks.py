@@ -311,7 +311,9 @@ class PeriodicCheckpointer(_PeriodicCheckpointer, HookBase):
         file_prefix: file name prefix.
     """
 
-    def __init__(self, checkpointer: Any, period: int, max_to_keep: Optional[int] = None, file_prefix: str = "model") -> None:
+    def __init__(
+        self, checkpointer: Any, period: int, max_to_keep: Optional[int] = None, file_prefix: str = "model"
+    ) -> None:
         super().__init__(checkpointer, period, max_iter=None, max_to_keep=max_to_keep, file_prefix=file_prefix)
 
     def before_train(self) -> None:
@@ -343,7 +345,9 @@ class PreemptionHandler(HookBase):
             stops after the very iteration during which the signal came).
     """
 
-    def __init__(self, checkpointer: Any, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT), check_period: int = 20) -> None:
+    def __init__(
+        self, checkpointer: Any, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT), check_period: int = 20
+    ) -> None:
         self._checkpointer = checkpointer
         self._signals = tuple(signals)
         self._check_period = max(1, int(check_period))
@@ -406,8 +410,9 @@ class EvalHook(HookBase):
 
     The results (a nested dict such as ``{"classification": {"top1": 97.2}}``) of the main process are
     flattened into every process's storage as ``task/metric`` scalars at the iteration just finished;
-    register the writers after this hook so that they write the final evaluation. The evaluation runs with the Python, NumPy and torch RNG
-    states saved and restored, so evaluating does not change the randomness of the training that follows.
+    register the writers after this hook so that they write the final evaluation. The evaluation runs with the
+    Python, NumPy and torch RNG states saved and restored, so evaluating does not change the randomness of the
+    training that follows.
 
     Args:
         eval_period: iterations between evaluations; 0 evaluates only after the last iteration.

@@ -586,7 +586,9 @@ class AMPTrainer(SimpleTrainer):
         log_grad_scaler: bool = False,
         async_write_metrics: bool = False,
     ) -> None:
-        super().__init__(model, data_loader, optimizer, gather_metric_period, zero_grad_before_forward, async_write_metrics)
+        super().__init__(
+            model, data_loader, optimizer, gather_metric_period, zero_grad_before_forward, async_write_metrics
+        )
         if precision not in (torch.float16, torch.bfloat16):
             raise ValueError(f"AMPTrainer precision must be torch.float16 or torch.bfloat16, got {precision}")
         self.device_type = _device_type(model)

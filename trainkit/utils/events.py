@@ -476,7 +476,9 @@ class JSONWriter(EventWriter):
         new = _new_scalars_by_iter(storage, self._window_size, self._last_write)
         if not new:
             return
-        lines = "".join(json.dumps({**scalars, "iteration": itr}, sort_keys=True) + "\n" for itr, scalars in new.items())
+        lines = "".join(
+            json.dumps({**scalars, "iteration": itr}, sort_keys=True) + "\n" for itr, scalars in new.items()
+        )
         self._file_handle.write(lines)
         self._file_handle.flush()
         self._last_write = max(new)
