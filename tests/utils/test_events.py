@@ -201,6 +201,20 @@ def test_history_buffer_state_dict_is_plain_data_and_round_trips():
     )
 
 
+def test_history_buffer_extend_equals_updates_and_refuses_unpaired_values():
+    one_by_one, at_once = HistoryBuffer(max_length=4), HistoryBuffer(max_length=4)
+    values, iterations = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], list(range(20, 26))
+    for v, i in zip(values, iterations):
+        one_by_one.update(v, i)
+    at_once.extend(values[:2], iterations[:2])
+    at_once.extend(values[2:], iterations[2:])  # longer than the room left: the oldest pairs go together
+    assert at_once.values() == one_by_one.values() == list(zip(values[2:], iterations[2:]))
+    assert at_once.global_avg() == one_by_one.global_avg() and at_once.values_tail() == (0.6, 25)
+    with pytest.raises(ValueError, match="extend\\(\\) got 2 values for 3 iterations"):
+        at_once.extend([1.0, 2.0], [30, 31, 32])
+    assert at_once.global_count() == 6  # nothing was added
+
+
 def _train_like_puts(storage, iterations):
     # 10 scalars per iteration (tensors and numbers), read every 20 iterations as a writer would.
     for _ in range(iterations):

@@ -52,7 +52,10 @@ class HistoryBuffer:
 
     def __init__(self, max_length: int = 1000) -> None:
         self._max_length = max_length
-        self._data: deque = deque(maxlen=max_length)
+        # Values and their iterations side by side (not as pairs): a put appends two numbers and allocates
+        # nothing, and a window of values is one C-level slice.
+        self._values: deque = deque(maxlen=max_length)
+        self._iterations: deque = deque(maxlen=max_length)
         self._count = 0
         self._global_sum = 0.0
 
@@ -60,27 +63,31 @@ class HistoryBuffer:
         """Appends ``value``; ``iteration`` defaults to the number of values put so far."""
         if iteration is None:
             iteration = self._count
-        self._data.append((value, iteration))
+        self._values.append(value)
+        self._iterations.append(iteration)
         self._count += 1
         self._global_sum += value
 
     def extend(self, values: Sequence[float], iterations: Sequence[float]) -> None:
         """Appends several values with their iterations (the same as :meth:`update` for each, in order)."""
-        self._data.extend(zip(values, iterations))
+        if len(values) != len(iterations):
+            raise ValueError(f"extend() got {len(values)} values for {len(iterations)} iterations")
+        self._values.extend(values)
+        self._iterations.extend(iterations)
         self._count += len(values)
         # One by one, in order (not sum(), which compensates on Python >= 3.12): the sum update() would give.
         self._global_sum = reduce(operator.add, values, self._global_sum)
 
     def latest(self) -> float:
         """The newest value."""
-        return self._data[-1][0]
+        return self._values[-1]
 
     def values_tail(self) -> Tuple[float, float]:
         """The newest ``(value, iteration)`` pair."""
-        return self._data[-1]
+        return self._values[-1], self._iterations[-1]
 
     def _window(self, window_size: int) -> List[float]:
-        return [v for v, _ in islice(reversed(self._data), window_size)]
+        return list(islice(reversed(self._values), window_size))
 
     # statistics' pure-Python median and mean are several times faster than numpy's on these short lists.
     def median(self, window_size: int) -> float:
@@ -102,21 +109,23 @@ class HistoryBuffer:
 
     def values(self) -> List[Tuple[float, float]]:
         """The kept ``(value, iteration)`` pairs, oldest first."""
-        return list(self._data)
+        return list(zip(self._values, self._iterations))
 
     def state_dict(self) -> Dict[str, Any]:
         """The kept values and the running count and sum (plain Python data)."""
         return {
-            "values": [v for v, _ in self._data],
-            "iterations": [i for _, i in self._data],
+            "values": list(self._values),
+            "iterations": list(self._iterations),
             "count": self._count,
             "sum": self._global_sum,
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restores what :meth:`state_dict` returned."""
-        self._data.clear()
-        self._data.extend(zip(state["values"], state["iterations"]))
+        self._values.clear()
+        self._iterations.clear()
+        self._values.extend(state["values"])
+        self._iterations.extend(state["iterations"])
         self._count = state["count"]
         self._global_sum = state["sum"]
 
@@ -408,6 +417,10 @@ def _new_scalars_by_iter(storage: EventStorage, window_size: int, after: int) ->
     return dict(sorted(by_iter.items()))
 
 
+# json.dumps(..., sort_keys=True) would build a new encoder for every line.
+_JSON_ENCODER = json.JSONEncoder(sort_keys=True)
+
+
 class JSONWriter(EventWriter):
     """Appends one JSON object per line per iteration to ``json_file``, with an ``"iteration"`` key.
 
@@ -476,9 +489,7 @@ class JSONWriter(EventWriter):
         new = _new_scalars_by_iter(storage, self._window_size, self._last_write)
         if not new:
             return
-        lines = "".join(
-            json.dumps({**scalars, "iteration": itr}, sort_keys=True) + "\n" for itr, scalars in new.items()
-        )
+        lines = "".join(_JSON_ENCODER.encode({**scalars, "iteration": itr}) + "\n" for itr, scalars in new.items())
         self._file_handle.write(lines)
         self._file_handle.flush()
         self._last_write = max(new)
