@@ -205,7 +205,8 @@ def test_lr_scheduler_with_reduce_on_plateau_resumes_exactly(tmp_path, stop):
 def test_lr_scheduler_names_the_missing_or_needless_metric():
     trainer = _plateau_trainer()
     trainer.register_hooks([hooks.LRScheduler()])
-    with pytest.raises(ValueError, match=r"ReduceLROnPlateau steps on a metric.*LRScheduler\(metric='accuracy/top1'\)"):
+    expected = r"ReduceLROnPlateau steps on a metric.*LRScheduler\(metric='classification/top1'\)"
+    with pytest.raises(ValueError, match=expected):
         trainer.train(0, 2)
     trainer = make_trainer()
     trainer.scheduler = _step_lr(trainer)

@@ -146,6 +146,10 @@ class IterationTimer(HookBase):
         self._storage.put_scalar("time", now - self._step_start)
 
 
+# ReduceLROnPlateau became an LRScheduler subclass only in torch 2.2.
+_TORCH_SCHEDULERS = (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+
 class LRScheduler(HookBase):
     """Steps a torch LR scheduler after every iteration and puts the learning rate used as ``lr``.
 
@@ -154,9 +158,9 @@ class LRScheduler(HookBase):
     most common LR).
 
     ``torch.optim.lr_scheduler.ReduceLROnPlateau`` steps on a metric instead: give ``metric``, the name of a
-    scalar in the storage (an evaluation result such as ``"accuracy/top1"``), and the scheduler steps once with
-    each new value of it, in the ``after_step`` that follows the value's ``put_scalar`` (with the default hook
-    order, the iteration after the evaluation). Put that metric as a Python number: a tensor put is seen only
+    scalar in the storage (an evaluation result such as ``"classification/top1"``), and the scheduler steps
+    once with each new value of it, in the ``after_step`` that follows the value's ``put_scalar`` (with the
+    default hook order, the iteration after the evaluation). Put that metric as a Python number: a tensor put is seen only
     once something reads the storage (the writers do, every period).
 
     Args:
@@ -188,7 +192,7 @@ class LRScheduler(HookBase):
         if on_plateau and self._metric is None:
             raise ValueError(
                 "ReduceLROnPlateau steps on a metric, not on iterations: give the LRScheduler hook the name of a "
-                "scalar in the storage, e.g. hooks.LRScheduler(metric='accuracy/top1') (in a DefaultTrainer, "
+                "scalar in the storage, e.g. hooks.LRScheduler(metric='classification/top1') (in a DefaultTrainer, "
                 "override build_hooks and replace the LRScheduler hook it returns)."
             )
         if self._metric is not None and not on_plateau:
@@ -231,14 +235,14 @@ class LRScheduler(HookBase):
             self._scheduler.step(value)
 
     def state_dict(self) -> Dict[str, Any]:
-        if not isinstance(self.scheduler, torch.optim.lr_scheduler.LRScheduler):
+        if not isinstance(self.scheduler, _TORCH_SCHEDULERS):
             return {}
         if self._metric is None:
             return self.scheduler.state_dict()
         return {"scheduler": self.scheduler.state_dict(), "metric_iter": self._metric_iter}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        if isinstance(self.scheduler, torch.optim.lr_scheduler.LRScheduler):
+        if isinstance(self.scheduler, _TORCH_SCHEDULERS):
             logger.info("Loading scheduler from state_dict ...")
             if self._metric is not None:
                 if "metric_iter" not in state_dict:
