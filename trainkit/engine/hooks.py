@@ -160,8 +160,8 @@ class LRScheduler(HookBase):
     ``torch.optim.lr_scheduler.ReduceLROnPlateau`` steps on a metric instead: give ``metric``, the name of a
     scalar in the storage (an evaluation result such as ``"classification/top1"``), and the scheduler steps
     once with each new value of it, in the ``after_step`` that follows the value's ``put_scalar`` (with the
-    default hook order, the iteration after the evaluation). Put that metric as a Python number: a tensor put is seen only
-    once something reads the storage (the writers do, every period).
+    default hook order, the iteration after the evaluation). Put that metric as a Python number: a tensor put
+    is seen only once something reads the storage (the writers do, every period).
 
     Args:
         optimizer: defaults to ``trainer.optimizer``.
