@@ -215,6 +215,17 @@ def test_lr_scheduler_names_the_missing_or_needless_metric():
         trainer.train(0, 2)
 
 
+def test_lr_scheduler_with_a_metric_refuses_the_state_of_a_run_without_one():
+    steps = make_trainer()
+    steps.scheduler = _step_lr(steps)
+    steps.register_hooks([hooks.LRScheduler()])
+    steps.train(0, 3)
+    plateau = _plateau_trainer()
+    plateau.register_hooks(_plateau_hooks())
+    with pytest.raises(ValueError, match="saved without a metric.*only from its own checkpoints"):
+        plateau.load_state_dict(steps.state_dict())
+
+
 def _two_group_trainer(lr_small_group, lr_big_group, lambdas):
     # Group 0 holds one parameter tensor, group 1 three.
     model = TwoLossModel()
