@@ -13,10 +13,7 @@ Workloads: "tiny" (``Linear(32, 32)``, batch 8: almost pure loop overhead) and "
 batch 64). A second measurement puts 1,000,000 iterations of 10 scalars into an EventStorage and reports the
 growth of resident memory.
 
-Usage: ``python benchmarks/overhead.py [--iters 2000] [--repeats 7] [--threads 1] [--skip-memory] [--loss-paths]``
-
-``--loss-paths`` also times trainkit reading CPU losses as floats in their own step (its default) against
-keeping them as tensors until the gather (what it does with accelerator losses).
+Usage: ``python benchmarks/overhead.py [--iters 2000] [--repeats 7] [--threads 1] [--skip-memory]``
 """
 import argparse
 import gc
@@ -86,10 +83,8 @@ def hand_loop(model, data, opt, sched, iters: int, with_logging: bool, json_path
     return elapsed
 
 
-def trainkit_loop(model, data, opt, sched, iters: int, with_hooks: bool, json_path: str,
-                  read_cpu_losses_at_once: bool = True) -> float:
+def trainkit_loop(model, data, opt, sched, iters: int, with_hooks: bool, json_path: str) -> float:
     trainer = SimpleTrainer(model, data, opt)
-    trainer.read_cpu_losses_at_once = read_cpu_losses_at_once
     if with_hooks:
         trainer.scheduler = sched
         writers = [JSONWriter(json_path), CommonMetricPrinter(iters)]
@@ -100,9 +95,7 @@ def trainkit_loop(model, data, opt, sched, iters: int, with_hooks: bool, json_pa
 
 
 def measure(workload: str, variant: str, iters: int, repeats: int, tmp: str) -> Dict[str, float]:
-    """Hand-written loop (0) against trainkit (1). With variant "tensors", "hand-written" is trainkit bare as it
-    is (CPU losses read as floats in their step) and "trainkit" is trainkit bare keeping them as tensors until
-    the gather, as it does for accelerator losses."""
+    """Hand-written loop (0) against trainkit (1), interleaved, in the same process."""
     with_extras = variant == "hooks"
     ratios: List[float] = []
     hand_times: List[float] = []
@@ -114,10 +107,7 @@ def measure(workload: str, variant: str, iters: int, repeats: int, tmp: str) -> 
             model, data, opt, sched = make_workload(workload)
             path = os.path.join(tmp, f"{workload}_{variant}_{which}_{r}.json")
             gc.collect()
-            if variant == "tensors":
-                times[which] = trainkit_loop(model, data, opt, sched, iters, False, path,
-                                             read_cpu_losses_at_once=which == 0)
-            elif which == 0:
+            if which == 0:
                 times[0] = hand_loop(model, data, opt, sched, iters, with_extras, path)
             else:
                 times[1] = trainkit_loop(model, data, opt, sched, iters, with_extras, path)
@@ -160,9 +150,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: least noise)")
     parser.add_argument("--skip-memory", action="store_true")
-    parser.add_argument("--loss-paths", action="store_true",
-                        help="also time trainkit keeping CPU losses as tensors until the gather against reading them "
-                             "at once (the default), on both workloads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)  # keep the console writer's lines out of the timings' output
@@ -174,13 +161,6 @@ def main() -> None:
             r = measure(workload, variant, args.iters, args.repeats, tmp)
             print(f"{workload:<8} {variant:<7} {r['hand_us_per_iter']:>11.1f} {r['trainkit_us_per_iter']:>15.1f} "
                   f"{r['ratio']:>7.3f}")
-        if args.loss_paths:
-            print(f"\n{'workload':<8} {'floats us/it':>13} {'tensors us/it':>14} {'ratio':>7}   "
-                  "(CPU losses: read at once vs kept as tensors until the gather; trainkit bare)")
-            for workload in ("tiny", "mlp"):
-                r = measure(workload, "tensors", args.iters, args.repeats, tmp)
-                print(f"{workload:<8} {r['hand_us_per_iter']:>13.1f} {r['trainkit_us_per_iter']:>14.1f} "
-                      f"{r['ratio']:>7.3f}")
     if not args.skip_memory:
         m = storage_memory()
         print(f"EventStorage: {m['iters']:,} iterations x 10 scalars: resident memory grew {m['growth_mb']:.1f} MB "

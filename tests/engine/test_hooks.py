@@ -351,3 +351,47 @@ def test_lr_scheduler_with_single_parameter_groups_reports_the_most_common_lr():
     groups.append({"params": [nn.Parameter(torch.zeros(1))], "lr": 0.1})
     optimizer = torch.optim.SGD(groups)
     assert hooks.LRScheduler._pick_group(optimizer) == 1
+
+
+class PutsLogitNormTensor(nn.Module):
+    """TwoLossModel that also puts a tensor metric every step, as the README tour's model does."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = TwoLossModel()
+
+    def forward(self, batch):
+        losses = self.inner(batch)
+        get_event_storage().put_scalar("logit_norm", self.inner.linear.weight.detach().norm())
+        return losses
+
+
+class _ScriptedValLoss:
+    """An eval function returning a worsening ``val/loss`` (so that the plateau scheduler steps on each)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self):
+        self.calls += 1
+        return {"val": {"loss": 1.0 + self.calls}}
+
+
+@pytest.mark.parametrize("with_writer", [True, False], ids=["with a writer", "without writers"])
+@pytest.mark.parametrize("gather_period", [20, 1], ids=["losses gathered every 20", "losses gathered every step"])
+def test_reduce_on_plateau_steps_on_every_evaluation_while_tensor_metrics_wait(tmp_path, with_writer, gather_period):
+    # A tensor put every step is pending until something reads the storage; the evaluation results, numbers,
+    # must reach the history at once so that the scheduler sees each of them.
+    model = PutsLogitNormTensor()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    trainer = SimpleTrainer(model, itertools.cycle(make_data()), opt, gather_metric_period=gather_period)
+    trainer.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=100)
+    evaluate = _ScriptedValLoss()
+    extra = [hooks.PeriodicWriter([JSONWriter(str(tmp_path / "metrics.json"))], period=20)] if with_writer else []
+    trainer.register_hooks([hooks.EvalHook(5, evaluate, eval_after_train=False), hooks.LRScheduler(metric="val/loss")]
+                           + extra)
+    trainer.train(0, 60)
+    assert evaluate.calls == 12
+    # One step per evaluation: the initial step of the constructor (last_epoch 0) plus 12.
+    assert trainer.scheduler.last_epoch == 12
+    assert trainer.scheduler.best == 2.0

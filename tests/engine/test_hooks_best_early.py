@@ -80,12 +80,12 @@ def scripted_trainer(tmp_path, values, *metric_hooks, period=PERIOD):
     return trainer, checkpointer, evaluate
 
 
-def best(mode="max", period=PERIOD):
-    return lambda checkpointer: hooks.BestCheckpointer(period, checkpointer, METRIC, mode=mode)
+def best(mode="max"):
+    return lambda checkpointer: hooks.BestCheckpointer(checkpointer=checkpointer, val_metric=METRIC, mode=mode)
 
 
-def early(patience, mode="max", min_delta=0.0, period=PERIOD):
-    return lambda checkpointer: hooks.EarlyStopping(METRIC, patience, mode, min_delta, eval_period=period)
+def early(patience, mode="max", min_delta=0.0):
+    return lambda checkpointer: hooks.EarlyStopping(METRIC, patience, mode, min_delta)
 
 
 def watcher(tmp_path):
@@ -189,8 +189,9 @@ def test_resuming_a_finished_run_checks_the_evaluation_of_the_final_model(tmp_pa
 
 
 def test_best_checkpointer_ignores_a_saved_state_of_another_metric(tmp_path, caplog):
-    hook = hooks.BestCheckpointer(PERIOD, None, "val/loss", mode="min")
-    state = hooks.BestCheckpointer(PERIOD, None, METRIC).state_dict()
+    checkpointer = Checkpointer(torch.nn.Linear(1, 1), str(tmp_path))
+    hook = hooks.BestCheckpointer(checkpointer=checkpointer, val_metric="val/loss", mode="min")
+    state = hooks.BestCheckpointer(checkpointer=checkpointer, val_metric=METRIC).state_dict()
     state.update(best_metric=70.0, best_iter=5)
     with caplog.at_level(logging.WARNING, logger="trainkit"):
         hook.load_state_dict(state)
@@ -198,10 +199,16 @@ def test_best_checkpointer_ignores_a_saved_state_of_another_metric(tmp_path, cap
     assert "follows 'val/acc' (mode max), this hook follows 'val/loss' (mode min)" in caplog.text
 
 
+def _best_with_deprecated_period(metric):
+    def make(checkpointer):
+        with pytest.deprecated_call(match=r"BestCheckpointer\(eval_period=...\) is deprecated.*Leave eval_period out"):
+            return hooks.BestCheckpointer(PERIOD, checkpointer, metric)  # detectron2's form
+    return make
+
+
 def test_an_unknown_metric_warns_once_naming_the_available_ones_and_training_goes_on(tmp_path, caplog):
-    trainer, _, evaluate = scripted_trainer(
-        tmp_path, [1.0] * 5, lambda c: hooks.BestCheckpointer(PERIOD, c, "val/accuracy"),
-    )
+    # With the deprecated eval_period, the warning comes at the first evaluation.
+    trainer, _, evaluate = scripted_trainer(tmp_path, [1.0] * 5, _best_with_deprecated_period("val/accuracy"))
     with caplog.at_level(logging.WARNING, logger="trainkit"):
         trainer.train(0, MAX_ITER)
     assert trainer.iter == MAX_ITER and len(evaluate.iters) == 5
@@ -214,15 +221,46 @@ def test_an_unknown_metric_warns_once_naming_the_available_ones_and_training_goe
     assert not (tmp_path / "model_best.pth").exists()
 
 
-def test_a_hook_registered_before_the_eval_hook_warns_instead_of_reading_stale_values(tmp_path, caplog):
+def test_without_eval_period_an_unknown_metric_warns_once_at_the_end_naming_the_available_ones(tmp_path, caplog):
+    trainer, _, evaluate = scripted_trainer(
+        tmp_path, [1.0] * 5, lambda c: hooks.BestCheckpointer(checkpointer=c, val_metric="val/accuracy"),
+    )
+    with caplog.at_level(logging.WARNING, logger="trainkit"):
+        trainer.train(0, MAX_ITER)
+    assert trainer.iter == MAX_ITER and len(evaluate.iters) == 5
+    warnings = [r.getMessage() for r in caplog.records if "val/accuracy" in r.getMessage()]
+    assert warnings == [
+        "BestCheckpointer: no value of 'val/accuracy' was put during training; available: ['data_time', 'loss_l1', "
+        "'loss_mse', 'total_loss', 'val/acc']. Check the name (the flattened result, such as 'classification/top1') "
+        "and register this hook after the EvalHook."
+    ]
+    assert not (tmp_path / "model_best.pth").exists()
+
+
+@pytest.mark.parametrize("deprecated_period", [True, False], ids=["with eval_period", "without"])
+def test_a_hook_registered_before_the_eval_hook_warns_instead_of_reading_stale_values(
+    tmp_path, caplog, deprecated_period
+):
     trainer = make_trainer()
     checkpointer = Checkpointer(trainer.model, str(tmp_path), trainer=trainer)
     evaluate = ScriptedEval([1.0, 2.0, 3.0])
-    trainer.register_hooks([hooks.BestCheckpointer(PERIOD, checkpointer, METRIC), hooks.EvalHook(PERIOD, evaluate)])
+    if deprecated_period:
+        best_hook = _best_with_deprecated_period(METRIC)(checkpointer)
+    else:
+        best_hook = hooks.BestCheckpointer(checkpointer=checkpointer, val_metric=METRIC)
+    trainer.register_hooks([best_hook, hooks.EvalHook(PERIOD, evaluate)])
     with caplog.at_level(logging.WARNING, logger="trainkit"):
         trainer.train(0, 9)
     assert "register this hook after the EvalHook" in caplog.text
     assert not (tmp_path / "model_best.pth").exists()  # later it only ever saw the previous evaluation's value
+
+
+@pytest.mark.parametrize("deprecated_period", [True, False], ids=["with eval_period", "without"])
+def test_the_deprecated_eval_period_saves_at_the_same_evaluations(tmp_path, deprecated_period):
+    make = _best_with_deprecated_period(METRIC) if deprecated_period else best()
+    trainer, _, _ = scripted_trainer(tmp_path, [50.0, 60.0, 55.0, 70.0, 65.0], make, watcher(tmp_path))
+    trainer.train(0, MAX_ITER)
+    assert trainer._hooks[-1].saved() == [(2, 50.0), (5, 60.0), (11, 70.0)]
 
 
 # ---- EarlyStopping ---------------------------------------------------------------------------------------------
@@ -295,7 +333,7 @@ def test_early_stopping_count_continues_after_a_resume(tmp_path):
     ],
 )
 def test_early_stopping_rejects_bad_arguments_naming_them(kwargs, message):
-    args = {"val_metric": METRIC, "patience": 2, "eval_period": PERIOD, **kwargs}
+    args = {"val_metric": METRIC, "patience": 2, **kwargs}
     with pytest.raises(ValueError) as info:
         hooks.EarlyStopping(**args)
     assert str(info.value) == message + "."
@@ -303,7 +341,7 @@ def test_early_stopping_rejects_bad_arguments_naming_them(kwargs, message):
 
 def test_best_checkpointer_rejects_a_bad_mode():
     with pytest.raises(ValueError, match=r"BestCheckpointer mode must be 'max' .* got 'best'"):
-        hooks.BestCheckpointer(PERIOD, None, METRIC, mode="best")
+        hooks.BestCheckpointer(checkpointer=Checkpointer(torch.nn.Linear(1, 1)), val_metric=METRIC, mode="best")
 
 
 # ---- with DefaultTrainer on the digits data --------------------------------------------------------------------
@@ -330,7 +368,7 @@ def default_trainer(cfg, make_hooks):
 def test_default_trainer_keeps_the_model_of_its_best_evaluation(tmp_path):
     cfg = digits_cfg(tmp_path)
     trainer = default_trainer(
-        cfg, lambda t: [hooks.BestCheckpointer(10, t.checkpointer, "classification/top1"), FileWatcher(str(tmp_path))]
+        cfg, lambda t: [hooks.BestCheckpointer(checkpointer=t.checkpointer, val_metric="classification/top1"), FileWatcher(str(tmp_path))]
     )
     assert type(trainer._hooks[-1]) is hooks.PeriodicWriter
     trainer.resume_or_load(resume=False)
@@ -349,7 +387,7 @@ def test_default_trainer_stops_early_after_the_evaluation_that_used_up_the_patie
     # No evaluation can beat the first by 100 percentage points: the second one uses up a patience of 1.
     cfg = digits_cfg(tmp_path)
     trainer = default_trainer(
-        cfg, lambda t: [hooks.EarlyStopping("classification/top1", 1, min_delta=100, eval_period=10)]
+        cfg, lambda t: [hooks.EarlyStopping("classification/top1", 1, min_delta=100)]
     )
     trainer.resume_or_load(resume=False)
     results = trainer.train()
@@ -368,7 +406,7 @@ def test_default_trainer_stops_early_after_the_evaluation_that_used_up_the_patie
 
 def test_resuming_from_a_checkpoint_at_an_evaluation_continues_early_stopping_exactly(tmp_path):
     def make_hooks(trainer):
-        return [hooks.EarlyStopping("classification/top1", 2, min_delta=100, eval_period=10)]
+        return [hooks.EarlyStopping("classification/top1", 2, min_delta=100)]
 
     straight_cfg = digits_cfg(tmp_path / "straight")
     straight = default_trainer(straight_cfg, make_hooks)

@@ -31,15 +31,6 @@ class TwoLossModel(nn.Module):
         return {"loss_mse": loss, "loss_l1": 0.01 * self.linear.weight.abs().sum()}
 
 
-@pytest.fixture(autouse=True, params=["cpu losses read at once", "losses kept as tensors"])
-def loss_path(request, monkeypatch):
-    """Runs every test of this module on both ways of recording losses: CPU losses read as floats in their own
-    step (the default on the CPU), and losses kept as tensors until the gather (the path of accelerators,
-    checked here on the CPU)."""
-    monkeypatch.setattr(SimpleTrainer, "read_cpu_losses_at_once", request.param == "cpu losses read at once")
-    return request.param
-
-
 def make_data(n=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(8, 4, generator=g), torch.randn(8, 1, generator=g)) for _ in range(n)]
@@ -85,6 +76,17 @@ def test_hooks_run_in_registration_order_at_each_point():
     expected += [("a", "after_train", 5), ("b", "after_train", 5)]
     assert log == expected
     assert trainer.iter == 5 and trainer.start_iter == 3 and trainer.max_iter == 5
+
+
+def test_a_hook_method_assigned_on_the_instance_is_called_at_its_point():
+    calls = []
+    hook = HookBase()
+    hook.before_step = lambda: calls.append(("before_step", hook.trainer.iter))
+    trainer = make_trainer()
+    trainer.register_hooks([hook])
+    hook.after_step = lambda: calls.append(("after_step", hook.trainer.iter))  # also after registration
+    trainer.train(0, 2)
+    assert calls == [("before_step", 0), ("after_step", 0), ("before_step", 1), ("after_step", 1)]
 
 
 def test_hooks_hold_a_weak_reference_and_make_no_cycle():
@@ -226,9 +228,7 @@ def _trainer_with_default_hooks(tmp_path, period):
     return trainer
 
 
-def test_no_host_transfer_between_two_gathers(tmp_path, monkeypatch, loss_path):
-    if loss_path == "cpu losses read at once":
-        pytest.skip("CPU losses are read in their own step: see test_cpu_losses_are_read_in_their_own_step")
+def test_no_host_transfer_between_two_gathers(tmp_path, monkeypatch):
     trainer = _trainer_with_default_hooks(tmp_path, period=20)
     counter = _TransferCounter(monkeypatch, trainer)
     trainer.train(0, 60)
@@ -244,30 +244,6 @@ def test_no_host_transfer_between_two_gathers_on_cuda(tmp_path, monkeypatch):
     counter = _TransferCounter(monkeypatch, trainer)
     trainer.train(0, 60)
     assert counter.iters and set(counter.iters) <= {19, 39, 59, 60}, sorted(set(counter.iters))
-
-
-def test_cpu_losses_are_read_in_their_own_step(tmp_path, monkeypatch, loss_path):
-    if loss_path != "cpu losses read at once":
-        pytest.skip("only the default CPU path reads losses every step")
-    trainer = _trainer_with_default_hooks(tmp_path, period=20)
-    counter = _TransferCounter(monkeypatch, trainer)
-    trainer.train(0, 30)
-    assert set(range(30)) <= set(counter.iters)
-    # ... but they still reach the storage only at the gathers (every 20 iterations and the last one).
-    assert [it for _, it in trainer.storage.history("total_loss").values()] == list(range(30))
-
-
-def test_both_ways_of_recording_losses_store_the_same_numbers(monkeypatch):
-    histories = {}
-    for read_at_once in (True, False):
-        monkeypatch.setattr(SimpleTrainer, "read_cpu_losses_at_once", read_at_once)
-        trainer = make_trainer(gather_metric_period=7)
-        trainer.train(0, 30)
-        histories[read_at_once] = {
-            name: trainer.storage.history(name).values() for name in ("loss_mse", "loss_l1", "total_loss")
-        }
-    assert histories[True] == histories[False]
-    assert len(histories[True]["total_loss"]) == 30
 
 
 def test_gather_period_one_transfers_every_step(tmp_path, monkeypatch):

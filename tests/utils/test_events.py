@@ -123,7 +123,21 @@ def test_max_pending_also_counts_numbers_queued_behind_a_tensor(monkeypatch):
         counter = _TransferCounter(monkeypatch, storage)
         storage.put_scalar("loss", torch.tensor(1.0))
         for i in range(10):
-            storage.put_scalar("lr", 0.1 * i)  # queued behind the tensor to keep the order of puts
+            storage.put_scalar("loss", 0.1 * i)  # queued behind the tensor to keep the order of the name's values
+        assert len(counter.iters) == 1
+
+
+def test_a_number_reaches_the_history_at_once_while_a_tensor_of_another_name_waits(monkeypatch):
+    with EventStorage() as storage:
+        counter = _TransferCounter(monkeypatch, storage)
+        storage.put_scalar("logit_norm", torch.tensor(3.0))
+        storage.iter = 4
+        storage.put_scalar("val/loss", 0.5)
+        assert storage.latest_value("val/loss") == (0.5, 4)
+        assert storage.changed_since("val/loss", 3) and not storage.changed_since("val/loss", 4)
+        assert storage.latest_value("missing") is None and not storage.changed_since("missing", -1)
+        assert counter.iters == []  # the pending tensor was not moved to the host
+        assert storage.latest_value("logit_norm") == (3.0, 0)  # reading a pending name moves it
         assert len(counter.iters) == 1
 
 

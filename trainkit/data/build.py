@@ -133,6 +133,20 @@ def _pin_memory(cfg) -> bool:
     return str(cfg.MODEL.DEVICE).startswith("cuda") and torch.cuda.is_available()
 
 
+def _check_train_loader_cfg(cfg, world_size: int) -> None:
+    if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+        raise ValueError(
+            f"DATALOADER.SAMPLER_TRAIN is {cfg.DATALOADER.SAMPLER_TRAIN!r}; only 'TrainingSampler' is built in. "
+            "Override DefaultTrainer.build_train_loader for a custom sampler."
+        )
+    total_batch = cfg.SOLVER.IMS_PER_BATCH
+    if total_batch <= 0 or total_batch % world_size != 0:
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH ({total_batch}) is the total batch size over all processes and must be a "
+            f"positive multiple of the number of processes ({world_size}). Set it to a multiple of {world_size}."
+        )
+
+
 def build_train_loader(
     cfg, *, dataset: Optional[Dataset] = None, collate_fn: Optional[Callable] = None
 ) -> DataLoader:
@@ -164,18 +178,9 @@ def build_train_loader(
         ValueError: ``IMS_PER_BATCH`` is not divisible by the world size, an unknown
             ``DATALOADER.SAMPLER_TRAIN``, or an empty ``DATASETS.TRAIN``.
     """
-    if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
-        raise ValueError(
-            f"DATALOADER.SAMPLER_TRAIN is {cfg.DATALOADER.SAMPLER_TRAIN!r}; only 'TrainingSampler' is built in. "
-            "Override DefaultTrainer.build_train_loader for a custom sampler."
-        )
     world_size = comm.get_world_size()
     total_batch = cfg.SOLVER.IMS_PER_BATCH
-    if total_batch <= 0 or total_batch % world_size != 0:
-        raise ValueError(
-            f"SOLVER.IMS_PER_BATCH ({total_batch}) is the total batch size over all processes and must be a "
-            f"positive multiple of the number of processes ({world_size}). Set it to a multiple of {world_size}."
-        )
+    _check_train_loader_cfg(cfg, world_size)
     if dataset is None:
         dataset = _get_dataset(_names(cfg.DATASETS.TRAIN, "DATASETS.TRAIN"))
     if cfg.INPUT.AUGMENT.ENABLED:

@@ -151,6 +151,30 @@ def default_writers(output_dir: str, max_iter: Optional[int] = None) -> List[Eve
     ]
 
 
+class _LoopStateOfInnerTrainer:
+    """A DefaultTrainer attribute that lives on its inner trainer: one object owns the loop's state (the
+    iteration, the storage, ...), which the inner trainer's step and this trainer's hooks both read."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    def __get__(self, trainer: Any, owner: Optional[type] = None) -> Any:
+        return self if trainer is None else getattr(trainer._trainer, self._name)
+
+    def __set__(self, trainer: Any, value: Any) -> None:
+        setattr(trainer._trainer, self._name, value)
+
+
+class _RunAfterBackwardOf(HookBase):
+    """Registered on the inner trainer: its step calls the DefaultTrainer's ``after_backward`` hooks."""
+
+    def __init__(self, trainer: TrainerBase) -> None:
+        self._outer = weakref.proxy(trainer)
+
+    def after_backward(self) -> None:
+        self._outer.after_backward()
+
+
 class DefaultTrainer(TrainerBase):
     """A trainer built from a config: model, optimizer, LR schedule, data, checkpointer, evaluation, writers.
 
@@ -176,10 +200,19 @@ class DefaultTrainer(TrainerBase):
 
     Checkpoints hold the model, the optimizer, the LR scheduler, the grad scaler, the iteration, every hook's
     state, the training data seed and the RNG states of every process: a resumed run continues exactly.
+
+    The step is that of the inner ``SimpleTrainer``/``AMPTrainer`` (``self._trainer``, as in detectron2). It
+    owns the loop's state: ``iter``, ``start_iter``, ``max_iter``, ``stop_reason`` and ``storage`` of this
+    trainer are its attributes.
     """
 
+    iter = _LoopStateOfInnerTrainer()
+    start_iter = _LoopStateOfInnerTrainer()
+    max_iter = _LoopStateOfInnerTrainer()
+    stop_reason = _LoopStateOfInnerTrainer()
+    storage = _LoopStateOfInnerTrainer()
+
     def __init__(self, cfg: CfgNode) -> None:
-        super().__init__()
         trainkit_logger = logging.getLogger("trainkit")
         if not trainkit_logger.isEnabledFor(logging.INFO) or not trainkit_logger.handlers:
             setup_logger()
@@ -195,6 +228,8 @@ class DefaultTrainer(TrainerBase):
         if cfg.SOLVER.AMP.ENABLED:
             kwargs["precision"] = _amp_dtype(cfg.SOLVER.AMP.PRECISION)
         self._trainer = trainer_cls(model, data_loader, optimizer, **kwargs)
+        self._trainer.register_hooks([_RunAfterBackwardOf(self)])
+        super().__init__()  # after the inner trainer exists: the loop's state is set on it
 
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = Checkpointer(
@@ -230,9 +265,6 @@ class DefaultTrainer(TrainerBase):
         tail = [h for kind in self._TAIL_HOOKS for h in self._hooks if type(h) is kind]
         if self._hooks[len(self._hooks) - len(tail):] != tail:
             self._hooks = [h for h in self._hooks if h not in tail] + tail
-            self._rebuild_dispatch()
-        # The inner trainer calls after_backward from inside its step: give it this trainer's hooks.
-        self._trainer._dispatch["after_backward"] = self._dispatch["after_backward"]
 
     def resume_or_load(self, resume: bool = True) -> None:
         """Resumes from the last checkpoint in ``OUTPUT_DIR`` when ``resume`` and one exists; otherwise loads
@@ -272,14 +304,7 @@ class DefaultTrainer(TrainerBase):
         super().train(self.start_iter, self.max_iter)
         return self._last_eval_results
 
-    def before_train(self) -> None:
-        self._trainer.storage = self.storage
-        self._trainer.start_iter = self.start_iter
-        super().before_train()
-
     def run_step(self) -> None:
-        self._trainer.iter = self.iter
-        self._trainer.max_iter = self.max_iter
         self._trainer.run_step()
 
     def flush_metrics(self) -> None:
@@ -287,8 +312,6 @@ class DefaultTrainer(TrainerBase):
         self._trainer.flush_metrics()
 
     def after_train(self) -> None:
-        self._trainer.iter = self.iter
-        self._trainer.stop_reason = self.stop_reason
         try:
             self._trainer.after_train()  # writes the metrics still pending; may find a non-finite loss
         finally:

@@ -21,6 +21,7 @@ from trainkit.evaluation.testing import flatten_results_dict
 from trainkit.utils import comm
 from trainkit.utils.env import preserve_rng_state
 from trainkit.utils.events import EventWriter
+from trainkit.utils.periods import period_fires
 
 __all__ = [
     "CallbackHook",
@@ -160,8 +161,9 @@ class LRScheduler(HookBase):
     ``torch.optim.lr_scheduler.ReduceLROnPlateau`` steps on a metric instead: give ``metric``, the name of a
     scalar in the storage (an evaluation result such as ``"classification/top1"``), and the scheduler steps
     once with each new value of it, in the ``after_step`` that follows the value's ``put_scalar`` (with the
-    default hook order, the iteration after the evaluation). Put that metric as a Python number: a tensor put
-    is seen only once something reads the storage (the writers do, every period).
+    default hook order, the iteration after the evaluation). The hook reads it with
+    :meth:`~trainkit.utils.events.EventStorage.latest_value` every step: a number costs no transfer; a metric put
+    as a tensor is moved to the host when read.
 
     Args:
         optimizer: defaults to ``trainer.optimizer``.
@@ -223,13 +225,12 @@ class LRScheduler(HookBase):
         if self._metric is None:
             self._scheduler.step()
             return
-        # The metric's history as it is, not through history(), which would move pending tensors to the host
-        # every step. (The history, unlike latest(), is restored on resume: a value put just before the
-        # checkpoint is still stepped on.)
-        buf = self._storage._history.get(self._metric)
-        if buf is None:
+        # latest_value() reads the history, which a resume restores: a value put just before the checkpoint is
+        # still stepped on.
+        latest = self._storage.latest_value(self._metric)
+        if latest is None:
             return
-        value, itr = buf.values_tail()
+        value, itr = latest
         if itr > self._metric_iter:
             self._metric_iter = itr
             self._scheduler.step(value)
@@ -272,14 +273,9 @@ class PeriodicWriter(HookBase):
         if period < 1:
             raise ValueError(f"PeriodicWriter period must be >= 1 iteration, got {period}; e.g. SOLVER.LOG_PERIOD.")
         self._period = period
-        self._last_iter = -1  # set from the trainer in before_train
-
-    def before_train(self) -> None:
-        self._last_iter = self.trainer.max_iter - 1
 
     def after_step(self) -> None:
-        it = self.trainer.iter
-        if (it + 1) % self._period == 0 or it == self._last_iter:
+        if period_fires(self._period, self.trainer.iter, self.trainer.max_iter):
             for writer in self._writers:
                 writer.write()
 
@@ -325,7 +321,7 @@ class PeriodicCheckpointer(_PeriodicCheckpointer, HookBase):
 
     def after_step(self) -> None:
         it = self.trainer.iter
-        if (it + 1) % self.period == 0 or it >= self.max_iter - 1:
+        if period_fires(self.period, it, self.max_iter):
             _flush_trainer_metrics(self.trainer)
         self.step(it)
 
@@ -388,7 +384,7 @@ class PreemptionHandler(HookBase):
     def after_step(self) -> None:
         received = self._received is not None
         if self._distributed:
-            if (self.trainer.iter + 1) % self._check_period != 0:
+            if not period_fires(self._check_period, self.trainer.iter, None):
                 return
             received = any(comm.all_gather(received))
         if not received or self.trainer.iter >= self.trainer.max_iter - 1:
@@ -457,12 +453,11 @@ class EvalHook(HookBase):
         self._evaluated_final = False
 
     def after_step(self) -> None:
-        next_iter = self.trainer.iter + 1
-        is_final = next_iter == self.trainer.max_iter
-        if (self._period > 0 and next_iter % self._period == 0) or (is_final and self._eval_after_train):
+        it, max_iter = self.trainer.iter, self.trainer.max_iter
+        if period_fires(self._period, it, max_iter if self._eval_after_train else None):
             _flush_trainer_metrics(self.trainer)
             self._do_eval()
-            self._evaluated_final = is_final
+            self._evaluated_final = it == max_iter - 1
 
     def after_train(self) -> None:
         # A resumed run that had no iteration left still evaluates the final model (at iteration max_iter).

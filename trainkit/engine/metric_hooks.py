@@ -1,13 +1,16 @@
 """Hooks that act on an evaluation metric: keep the best model, stop when it stops improving.
 
-Register them after the :class:`~trainkit.engine.hooks.EvalHook` whose results they read, with the same
-period. Both are exported from :mod:`trainkit.engine.hooks`.
+Register them after the :class:`~trainkit.engine.hooks.EvalHook` whose results they read. They learn when
+it evaluated from the storage: a value of their metric put in the current iteration. Both are exported from
+:mod:`trainkit.engine.hooks`.
 """
 import logging
 import math
+import warnings
 from typing import Any, Dict, Optional
 
 from trainkit.engine.train_loop import HookBase
+from trainkit.utils.periods import period_fires
 
 __all__ = ["BestCheckpointer", "EarlyStopping"]
 
@@ -24,55 +27,72 @@ def _improves(value: float, best: Optional[float], mode: str, min_delta: float =
 class _EvalMetricHook(HookBase):
     """Base of the hooks that follow one evaluation metric and remember its best value.
 
-    The metric is read from the storage only at the iterations where an :class:`EvalHook` with the same period
-    evaluates, so the hot loop stays free of storage reads (which would force pending device tensors to the
-    host). A value counts only if it was put at the current iteration, i.e. by that evaluation. Under several
-    processes every process reads its own storage, where the EvalHook put the main process's results, so all
-    processes take the same decisions (saving and stopping are things they must do together).
+    An evaluation is a value of the metric put in the current iteration (by an :class:`EvalHook` registered
+    before this hook), read with :meth:`EventStorage.latest_value`, which costs no host transfer for a number.
+    A value put after this hook ran (by an EvalHook registered after it) is never acted on, with a warning.
+    Under several processes every process reads its own storage, where the EvalHook put the main process's
+    results, so all processes take the same decisions (saving and stopping are things they must do together).
     """
 
-    def __init__(self, eval_period: int, val_metric: str, mode: str) -> None:
+    def __init__(self, val_metric: str, mode: str, eval_period: Optional[int]) -> None:
         hook = type(self).__name__
         if mode not in ("max", "min"):
             raise ValueError(
                 f"{hook} mode must be 'max' (higher is better) or 'min' (lower is better), got {mode!r}."
             )
-        if not isinstance(eval_period, int) or eval_period < 0:
-            raise ValueError(
-                f"{hook} eval_period must be the EvalHook's period (an int >= 0, e.g. cfg.TEST.EVAL_PERIOD), "
-                f"got {eval_period!r}."
+        if eval_period is not None:
+            if not isinstance(eval_period, int) or eval_period < 0:
+                raise ValueError(
+                    f"{hook} eval_period must be the EvalHook's period (an int >= 0, e.g. cfg.TEST.EVAL_PERIOD), "
+                    f"got {eval_period!r}."
+                )
+            warnings.warn(
+                f"{hook}(eval_period=...) is deprecated and no longer needed: the hook acts on each new value of "
+                f"{val_metric!r} in the storage. Leave eval_period out.",
+                DeprecationWarning,
+                stacklevel=3,
             )
-        self._eval_period = eval_period
+        self._eval_period = eval_period  # only used to warn at an evaluation that lacks the metric
         self._val_metric = val_metric
         self._mode = mode
-        self._warned_missing = False
+        self._warned = False
+        self._seen_iter = -1  # the iteration of the newest value of the metric this hook has looked at
         self.best_metric: Optional[float] = None
         self.best_iter: Optional[int] = None
 
-    def _evaluated_now(self) -> bool:
-        # Whether the EvalHook evaluated in this iteration's after_step.
-        next_iter = self.trainer.iter + 1
-        return (self._eval_period > 0 and next_iter % self._eval_period == 0) or next_iter == self.trainer.max_iter
-
-    def _evaluated_in_after_train(self) -> bool:
-        # A resumed run with no iteration left: the EvalHook evaluates the final model in after_train.
-        return self.trainer.iter == self.trainer.max_iter and self.trainer.start_iter >= self.trainer.max_iter
+    def before_train(self) -> None:
+        # A value restored from the checkpoint's storage was acted on by the interrupted run.
+        latest = self.trainer.storage.latest_value(self._val_metric)
+        self._seen_iter = -1 if latest is None else latest[1]
 
     def _fresh_value(self) -> Optional[float]:
-        """The metric's value if it was put at the current iteration, else None (warns once if it is unknown)."""
-        latest = self.trainer.storage.latest()
-        if self._val_metric not in latest:
-            if not self._warned_missing:
-                self._warned_missing = True
-                logger.warning(
-                    "%s: no metric %r in the storage after the evaluation at iteration %d; available: %s. Check the "
-                    "name (the flattened result, such as 'classification/top1') and register this hook after the "
-                    "EvalHook, with the same eval_period.",
-                    type(self).__name__, self._val_metric, self.trainer.iter, sorted(latest),
-                )
+        """The metric's value if it was put in the current iteration and not looked at before, else None."""
+        latest = self.trainer.storage.latest_value(self._val_metric)
+        it = self.trainer.iter
+        if latest is None or latest[1] <= self._seen_iter:
+            if self._eval_period is not None and period_fires(self._eval_period, it, self.trainer.max_iter):
+                missing = "no metric" if latest is None else "no new value of"
+                self._warn_once(f"{missing} {self._val_metric!r} in the storage after the evaluation at iteration {it}")
             return None
-        value, iteration = latest[self._val_metric]
-        return value if iteration == self.trainer.iter else None
+        value, self._seen_iter = latest
+        if self._seen_iter != it:
+            self._warn_once(f"the value of {self._val_metric!r} put at iteration {self._seen_iter} came after it ran")
+            return None
+        return value
+
+    def _warn_once(self, what: str) -> None:
+        if self._warned:
+            return
+        self._warned = True
+        logger.warning(
+            "%s: %s; available: %s. Check the name (the flattened result, such as 'classification/top1') and "
+            "register this hook after the EvalHook.",
+            type(self).__name__, what, sorted(self.trainer.storage.latest()),
+        )
+
+    def after_train(self) -> None:
+        if self.trainer.iter == self.trainer.max_iter and self.best_iter is None and self._seen_iter < 0:
+            self._warn_once(f"no value of {self._val_metric!r} was put during training")
 
     def state_dict(self) -> Dict[str, Any]:
         return {
@@ -99,11 +119,11 @@ class _EvalMetricHook(HookBase):
 class BestCheckpointer(_EvalMetricHook):
     """Saves the model with the best evaluation result so far as ``{file_prefix}.pth``.
 
-    After each evaluation (every ``eval_period`` iterations and after the last iteration) it reads
-    ``val_metric`` from the storage; when the value is strictly better than every earlier one, it saves a
-    checkpoint with the extra data ``iteration``, ``val_metric`` (the name) and ``val_metric_value``.
-    Register it after the :class:`EvalHook`, with the same period: it reads what that hook put in the same
-    iteration (``DefaultTrainer.register_hooks`` appends it after the default EvalHook). A NaN or infinite
+    After each evaluation (a value of ``val_metric`` put in the current iteration) it reads the value; when it
+    is strictly better than every earlier one, it saves a checkpoint with the extra data ``iteration``,
+    ``val_metric`` (the name) and ``val_metric_value``. Register it after the :class:`EvalHook`: it reads what
+    that hook put in the same iteration (``DefaultTrainer.register_hooks`` appends it after the default
+    EvalHook). A NaN or infinite
     value is never the best; a misspelt metric name gives one warning listing the available ones.
 
     The file does not move the ``last_checkpoint`` tag, so ``--resume`` continues from the latest checkpoint,
@@ -111,7 +131,8 @@ class BestCheckpointer(_EvalMetricHook):
     so a resumed run replaces the file only with a better model.
 
     Args:
-        eval_period: the EvalHook's period (``cfg.TEST.EVAL_PERIOD``); 0: only after the last iteration.
+        eval_period: deprecated and not needed (the detectron2 form ``BestCheckpointer(eval_period, checkpointer,
+            val_metric)`` still works, with a ``DeprecationWarning``); give the other arguments by keyword.
         checkpointer: saves the file, e.g. ``DefaultTrainer.checkpointer``. The hook calls it on every process
             (collecting the state may be a collective); only the checkpointer of the main process writes.
         val_metric: the metric's name in the storage, e.g. ``"classification/top1"``.
@@ -120,24 +141,35 @@ class BestCheckpointer(_EvalMetricHook):
     """
 
     def __init__(
-        self, eval_period: int, checkpointer: Any, val_metric: str, mode: str = "max", file_prefix: str = "model_best"
+        self,
+        eval_period: Optional[int] = None,
+        checkpointer: Any = None,
+        val_metric: Optional[str] = None,
+        mode: str = "max",
+        file_prefix: str = "model_best",
     ) -> None:
-        super().__init__(eval_period, val_metric, mode)
+        if checkpointer is None or val_metric is None:
+            raise TypeError(
+                "BestCheckpointer needs a checkpointer and a metric: "
+                "BestCheckpointer(checkpointer=trainer.checkpointer, val_metric='classification/top1')."
+            )
+        super().__init__(val_metric, mode, eval_period)
         self._checkpointer = checkpointer
         self._file_prefix = file_prefix
 
     def after_step(self) -> None:
-        if self._evaluated_now():
-            self._save_if_best(self.trainer.iter)
+        value = self._fresh_value()
+        if value is not None:
+            self._save_if_best(value, self.trainer.iter)
 
     def after_train(self) -> None:
-        if self._evaluated_in_after_train():
-            self._save_if_best(self.trainer.max_iter - 1)  # the final model is that of the last iteration
+        # A resumed run with no iteration left: the EvalHook evaluated the final model in its after_train.
+        value = self._fresh_value() if self.trainer.iter == self.trainer.max_iter else None
+        if value is not None:
+            self._save_if_best(value, self.trainer.max_iter - 1)  # the final model is that of the last iteration
+        super().after_train()
 
-    def _save_if_best(self, iteration: int) -> None:
-        value = self._fresh_value()
-        if value is None:
-            return
+    def _save_if_best(self, value: float, iteration: int) -> None:
         name, best, best_iter = self._val_metric, self.best_metric, self.best_iter
         if not math.isfinite(value):
             logger.warning(
@@ -178,7 +210,7 @@ class EarlyStopping(_EvalMetricHook):
     """Stops training when an evaluation metric has stopped improving.
 
     After each evaluation it reads ``val_metric`` from the storage, like :class:`BestCheckpointer` (register it
-    after the :class:`EvalHook`, with the same period). A value better than the best so far by more than
+    after the :class:`EvalHook`). A value better than the best so far by more than
     ``min_delta`` is an improvement; any other value, NaN included, counts as an evaluation without one. After
     ``patience`` evaluations in a row without improvement it calls ``trainer.request_stop``: the remaining
     hooks of that iteration run, then ``after_train`` (the writers write what is left). It does not stop at
@@ -192,13 +224,14 @@ class EarlyStopping(_EvalMetricHook):
         patience: evaluations without improvement after which training stops (>= 1).
         mode: ``"max"`` when higher is better, ``"min"`` when lower is better.
         min_delta: how much a value must beat the best by to count as an improvement (>= 0).
-        eval_period: the EvalHook's period (``cfg.TEST.EVAL_PERIOD``); 0: only after the last iteration.
+        eval_period: deprecated and not needed (a ``DeprecationWarning`` when given).
     """
 
     def __init__(
-        self, val_metric: str, patience: int, mode: str = "max", min_delta: float = 0.0, *, eval_period: int
+        self, val_metric: str, patience: int, mode: str = "max", min_delta: float = 0.0, *,
+        eval_period: Optional[int] = None,
     ) -> None:
-        super().__init__(eval_period, val_metric, mode)
+        super().__init__(val_metric, mode, eval_period)
         if not isinstance(patience, int) or patience < 1:
             raise ValueError(f"EarlyStopping patience must be a number of evaluations >= 1, got {patience!r}.")
         if not min_delta >= 0:
@@ -208,8 +241,6 @@ class EarlyStopping(_EvalMetricHook):
         self.num_bad_evals = 0
 
     def after_step(self) -> None:
-        if not self._evaluated_now():
-            return
         value = self._fresh_value()
         if value is None:
             return

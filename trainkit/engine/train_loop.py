@@ -1,33 +1,28 @@
 """The training loop: hooks, the loop itself, and the one training step.
 
-This file knows nothing of configs. It imports torch and :mod:`trainkit.utils.events` only (plus the rank
-helpers of :mod:`trainkit.utils.comm`, which are thin wrappers over torch.distributed).
+This file knows nothing of configs. It imports torch, :mod:`trainkit.utils.events` and the loss log only.
 
 Reading guide: :meth:`TrainerBase.train` is the loop; :meth:`SimpleTrainer.run_step` is everything one
-iteration does; :meth:`SimpleTrainer.flush_metrics` is the only place the step's metrics leave the device.
+iteration does; its losses wait in a :class:`~trainkit.engine.loss_log.LossLog` until the next flush, the only
+place where they leave the device.
 """
-import concurrent.futures
 import logging
-import math
 import operator
 import weakref
-import zlib
 from functools import reduce
 from time import perf_counter
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
 import torch
 from torch import nn
 
-from trainkit.utils import comm
+from trainkit.engine.loss_log import LossLog
 from trainkit.utils.events import EventStorage, get_event_storage
+from trainkit.utils.periods import period_fires
 
 __all__ = ["HookBase", "TrainerBase", "SimpleTrainer", "AMPTrainer"]
 
 logger = logging.getLogger(__name__)
-
-_HOOK_POINTS = ("before_train", "after_train", "before_step", "after_backward", "after_step")
-
 
 class HookBase:
     """Base class of the hooks that a :class:`TrainerBase` calls.
@@ -89,7 +84,6 @@ class TrainerBase:
 
     def __init__(self) -> None:
         self._hooks: List[HookBase] = []
-        self._dispatch: Dict[str, List[Callable[[], None]]] = {p: [] for p in _HOOK_POINTS}
         self.iter: int = 0
         self.start_iter: int = 0
         self.max_iter: int = 0
@@ -108,14 +102,6 @@ class TrainerBase:
                 raise TypeError(f"register_hooks() takes HookBase instances, got {type(h).__name__}: {h!r}")
             h.trainer = weakref.proxy(self)
         self._hooks.extend(hooks)
-        self._rebuild_dispatch()
-
-    def _rebuild_dispatch(self) -> None:
-        # Call only the methods a hook overrides: an empty hook point then costs nothing per step.
-        for point in _HOOK_POINTS:
-            self._dispatch[point] = [
-                getattr(h, point) for h in self._hooks if getattr(type(h), point) is not getattr(HookBase, point)
-            ]
 
     def train(self, start_iter: int, max_iter: int) -> None:
         """Runs iterations ``start_iter .. max_iter - 1``.
@@ -157,8 +143,8 @@ class TrainerBase:
         self.stop_reason = reason
 
     def before_train(self) -> None:
-        for fn in self._dispatch["before_train"]:
-            fn()
+        for h in self._hooks:
+            h.before_train()
 
     def after_train(self) -> None:
         if self.iter == self.max_iter:
@@ -168,30 +154,27 @@ class TrainerBase:
         # Every hook's after_train runs, also after one of them raised (a writer after it must still flush and
         # close); the first error is raised once all have run.
         errors = []
-        for fn in self._dispatch["after_train"]:
+        for h in self._hooks:
             try:
-                fn()
+                h.after_train()
             except Exception as e:
-                hook = type(getattr(fn, "__self__", fn)).__name__
-                logger.exception("after_train of %s raised; the other hooks' after_train still run:", hook)
+                logger.exception("after_train of %s raised; the other hooks' after_train still run:", type(h).__name__)
                 errors.append(e)
         if errors:
             raise errors[0]
 
     def before_step(self) -> None:
-        # Values put during this step belong to this iteration (the `iter` setter, without its int(): this
-        # runs every step).
-        self.storage._iter = self.iter
-        for fn in self._dispatch["before_step"]:
-            fn()
+        self.storage.iter = self.iter  # values put during this step belong to this iteration
+        for h in self._hooks:
+            h.before_step()
 
     def after_backward(self) -> None:
-        for fn in self._dispatch["after_backward"]:
-            fn()
+        for h in self._hooks:
+            h.after_backward()
 
     def after_step(self) -> None:
-        for fn in self._dispatch["after_step"]:
-            fn()
+        for h in self._hooks:
+            h.after_step()
 
     def run_step(self) -> None:
         """One iteration of training. Subclasses implement it."""
@@ -243,43 +226,30 @@ def _sum_losses(loss_dict: Mapping[str, torch.Tensor]) -> torch.Tensor:
         ) from None
 
 
-_detach = torch.Tensor.detach
-
-
 class SimpleTrainer(TrainerBase):
     """The training step for the common case: one model that returns losses, one optimizer, one data source.
 
     One step: fetch data (timed as ``data_time``), forward to a dict of losses (a single tensor counts as
-    ``{"total_loss": t}``), sum, zero_grad, backward, ``after_backward`` hooks, optimizer step.
+    ``{"total_loss": t}``), sum, zero_grad, backward, ``after_backward`` hooks, record the losses, optimizer
+    step.
 
-    Metrics without host syncs: the step keeps each iteration's losses as device tensors. Every
-    ``gather_metric_period`` iterations (and at the last iteration) :meth:`flush_metrics` stacks the pending
-    ones, averages them across processes in one collective, moves them to the host in one transfer and puts
-    every iteration's values into the storage. A non-finite total loss raises ``FloatingPointError`` naming
-    the first bad iteration, at the latest at that gather (before the optimizer step of that iteration).
-    ``gather_metric_period=1`` checks and writes every step, like detectron2.
-
-    Losses computed on the CPU are read as floats in their own step instead (see
-    :attr:`read_cpu_losses_at_once`): there is no device to wait for, and the gathers stay as they are.
+    Metrics without host syncs: the losses wait on their device in :attr:`loss_log`. Every
+    ``gather_metric_period`` iterations and at the last iteration the step flushes them: one collective to
+    average them across processes, one transfer to the host, then every iteration's values go into the
+    storage. A non-finite total loss raises ``FloatingPointError`` naming the first bad iteration, at the
+    latest at that flush (before the optimizer step of the flushing iteration). ``gather_metric_period=1``
+    checks and writes every step, like detectron2.
 
     Args:
         model: returns a dict of scalar loss tensors (or one tensor) from ``model(batch)`` in training mode.
         data_loader: an iterable of batches; iterated without end (wrap a finite one yourself).
         optimizer: a torch optimizer.
-        gather_metric_period: iterations between two metric gathers (default 20).
+        gather_metric_period: iterations between two flushes of the losses (default 20).
         zero_grad_before_forward: call ``optimizer.zero_grad()`` before the forward instead of after it.
-        async_write_metrics: at a gather, move the metrics to the host on a background thread while the
-            optimizer step is launched; they reach the storage at the end of the same step, before the hooks.
-            Worth it on GPUs (the host does not stall before launching the step); a non-finite loss then
-            raises after that step instead of before it.
+        async_write_metrics: flush after the optimizer step instead of before it, so that on a GPU the host
+            launches the optimizer step before it waits for the losses. They still reach the storage in the
+            same step, before the hooks; a non-finite loss then raises after that step instead of before it.
     """
-
-    #: Read losses that live on the CPU as floats in their own step. Reading a CPU tensor is a memory load, not
-    #: a transfer, and it is cheaper than keeping one tensor per iteration until the gather (4 us per step on
-    #: the tiny workload of benchmarks/overhead.py). Losses on an accelerator are always kept as tensors until
-    #: the gather. Set it to False to treat CPU losses like device ones (the tests do, to check that path
-    #: without a GPU).
-    read_cpu_losses_at_once: bool = True
 
     def __init__(
         self,
@@ -301,23 +271,11 @@ class SimpleTrainer(TrainerBase):
         self.gather_metric_period = gather_metric_period
         self.zero_grad_before_forward = zero_grad_before_forward
         self.async_write_metrics = async_write_metrics
-        # Pending metrics: the loss names; per iteration its number and data_time; the losses of every pending
-        # iteration, row after row (one value per name): floats for CPU losses read at once, else detached
-        # tensors.
-        self._pending_keys: Tuple[str, ...] = ()
-        self._pending_names: Tuple[str, ...] = ()
-        self._pending_on_cpu: Optional[bool] = None
-        self._next_keys: Optional[Tuple[str, ...]] = None  # set while the pending losses are flushed for a change
-        self._pending_floats = False  # the pending losses are floats (CPU losses read at once), not tensors
-        self._pending_iters: List[int] = []
-        self._pending_losses: List[Union[float, torch.Tensor]] = []
-        self._pending_data_time: List[float] = []
-        self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
-        self._inflight: Optional[Any] = None  # (future, (names, iters, data_time)) of an async gather
+        self.loss_log = LossLog()
 
     # ---- the step ------------------------------------------------------------------------------------------
     def run_step(self) -> None:
-        """One iteration: data, forward, backward, ``after_backward`` hooks, metrics, optimizer step."""
+        """One iteration: data, forward, backward, ``after_backward`` hooks, losses, optimizer step."""
         if not self.model.training:
             raise RuntimeError("SimpleTrainer.run_step: the model was switched to eval mode; call model.train().")
         start = perf_counter()
@@ -333,10 +291,13 @@ class SimpleTrainer(TrainerBase):
         self.backward(losses)
         self.after_backward()
 
-        self._record_metrics(loss_dict, losses, data_time)
+        self.loss_log.record(self.iter, loss_dict, losses, data_time)
+        flush = period_fires(self.gather_metric_period, self.iter, self.max_iter)
+        if flush and not self.async_write_metrics:
+            self.loss_log.flush()  # before the optimizer step: a NaN loss leaves the weights untouched
         self.optimizer_step()
-        if self._inflight is not None:  # async_write_metrics: the transfer overlapped the optimizer step
-            self._finish_gather()
+        if flush and self.async_write_metrics:
+            self.loss_log.flush()
 
     def compute_losses(self, data: Any) -> Dict[str, torch.Tensor]:
         """The forward: ``model(data)`` as a dict of losses (under autocast in :class:`AMPTrainer`)."""
@@ -366,180 +327,25 @@ class SimpleTrainer(TrainerBase):
         self._data_loader_iter_obj = None
         self.data_loader = data_loader_builder()
 
-    # ---- metrics -------------------------------------------------------------------------------------------
-    def _record_metrics(self, loss_dict: Mapping[str, torch.Tensor], losses: torch.Tensor, data_time: float) -> None:
-        keys = tuple(loss_dict)
-        on_cpu = losses.is_cpu
-        if keys != self._pending_keys or on_cpu is not self._pending_on_cpu:
-            self._set_loss_names(keys, on_cpu)
-        pending = self._pending_losses
-        if self._pending_floats:
-            # Looked up here, not bound once like _detach: a patched Tensor.item (the tests' transfer counter)
-            # must see these reads.
-            pending.extend(map(torch.Tensor.item, loss_dict.values()))
-            if len(keys) > 1:
-                pending.append(losses.item())
-        else:
-            pending.extend(map(_detach, loss_dict.values()))
-            if len(keys) > 1:
-                pending.append(losses.detach())
-        it = self.iter
-        self._pending_iters.append(it)
-        self._pending_data_time.append(data_time)
-        if (it + 1) % self.gather_metric_period == 0 or it == self.max_iter - 1:
-            self._start_gather(reduce=True, in_background=self.async_write_metrics)
-
-    def _set_loss_names(self, keys: Tuple[str, ...], on_cpu: bool) -> None:
-        # The model returned other losses than before, or on another device (or it is the first step): write
-        # what is pending first.
-        self._next_keys = keys  # named in the error when other processes do not change alike
-        try:
-            self.flush_metrics()
-        finally:
-            self._next_keys = None
-        if len(keys) > 1 and "total_loss" in keys:
-            raise ValueError(
-                f"The model returned a loss named 'total_loss' besides other losses ({list(keys)}); trainkit "
-                "records their sum under that name. Rename that loss."
-            )
-        self._pending_keys = keys
-        self._pending_names = keys if len(keys) == 1 else keys + ("total_loss",)
-        self._pending_on_cpu = on_cpu
-        self._pending_floats = on_cpu and self.read_cpu_losses_at_once
-
-    def flush_metrics(self, reduce: bool = True) -> None:
-        """Moves the pending per-iteration metrics into the storage now.
+    def flush_metrics(self) -> None:
+        """Moves the recorded losses into the storage now (:meth:`LossLog.flush`).
 
         With several processes this is a collective (every rank must call it at the same iteration); hooks
         that need up-to-date metrics, such as a checkpointer, call it. Raises ``FloatingPointError`` when a
         total loss is not finite, naming the first such iteration.
-
-        Args:
-            reduce: average across processes. Only ``after_train`` passes False, when training failed and the
-                other ranks may not be there to meet.
         """
-        self._start_gather(reduce, in_background=False)
-        self._finish_gather()
-
-    def _start_gather(self, reduce: bool, in_background: bool) -> None:
-        # Stacks (and reduces) the pending metrics on the device; the host transfer runs here, or on a
-        # background thread while the step goes on (the optimizer step's kernels get launched meanwhile).
-        # Floats (CPU losses read at once) need no transfer and go to the storage here.
-        self._finish_gather()
-        if not self._pending_iters:
-            return
-        batch = (self._pending_names, self._pending_iters, self._pending_data_time)
-        values, data_time_included = self._gather_on_device(reduce)
-        self._pending_iters, self._pending_losses, self._pending_data_time = [], [], []
-        if data_time_included:
-            batch = batch[:2] + (None,)
-        if isinstance(values, list):  # already on the host
-            self._put_metrics(values, *batch)
-        elif in_background:
-            if self._executor is None:
-                self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="trainkit-metrics")
-            self._inflight = (self._executor.submit(values.tolist), batch)
-        else:
-            self._put_metrics(values.tolist(), *batch)
-
-    def _finish_gather(self) -> None:
-        if self._inflight is not None:
-            future, batch = self._inflight
-            self._inflight = None
-            self._put_metrics(future.result(), *batch)
-
-    def _gather_on_device(self, reduce: bool) -> Tuple[Union[List[float], torch.Tensor], bool]:
-        # The pending losses, iterations x metrics, row-major: floats as they are, tensors as one flat tensor
-        # (one stack, one transfer). With several processes, data_time joins as a last column and the
-        # collective reduces the losses to their mean and data_time to its maximum (the slowest rank is what
-        # everyone waits for). Returns the values and whether data_time is in them (otherwise it stays on the
-        # host).
-        flat = self._pending_losses
-        world_size = comm.get_world_size()
-        if self._pending_floats:
-            if not reduce or world_size == 1:
-                return flat, False
-            losses = torch.tensor(flat, dtype=torch.float32)
-        else:
-            try:
-                losses = torch.stack(flat)  # promotes mixed float dtypes
-            except RuntimeError:  # losses on several devices, or one-element losses of shapes () and (1,) mixed
-                losses = torch.stack([t.to(flat[0].device, torch.float32).reshape(()) for t in flat])
-            losses = losses.view(-1)  # losses of shape (1,) stack to (n, 1)
-            if not reduce or world_size == 1:
-                return losses, False
-        self._check_ranks_agree_on_pending_metrics()
-        data_time = torch.tensor(self._pending_data_time, dtype=torch.float32, device=losses.device)
-        values = torch.cat([losses.float().view(len(self._pending_iters), -1), data_time.view(-1, 1)], dim=1)
-        gathered = [torch.empty_like(values) for _ in range(world_size)]
-        torch.distributed.all_gather(gathered, values)
-        stacked = torch.stack(gathered)
-        values = torch.cat([stacked[:, :, :-1].mean(dim=0), stacked[:, :, -1:].amax(dim=0)], dim=1)
-        return values.view(-1), True
-
-    def _check_ranks_agree_on_pending_metrics(self) -> None:
-        # The all_gather of the metrics needs the same shape on every rank; otherwise gloo aborts the process
-        # and NCCL hangs. Compare first (count of iterations, the names in order), in one small CPU collective.
-        names = self._pending_names
-        layout = [len(self._pending_iters), zlib.crc32("\0".join(names).encode())]
-        layouts = comm.all_gather_ints(layout)
-        if all(other == layout for other in layouts):
-            return
-        ranks = comm.all_gather((list(names), self._pending_iters[0], self._pending_iters[-1], self._next_keys))
-        described = "; ".join(
-            f"rank {r}: {n} for iterations {first}..{last}" + (f", then {list(nxt)} from {last + 1}" if nxt else "")
-            for r, (n, first, last, nxt) in enumerate(ranks)
-        )
-        raise RuntimeError(
-            f"The processes disagree on the losses to average: {described}. Every process's model must return "
-            "the same loss names, in the same order, at every iteration (return a zero loss for one that does not "
-            "apply), and flush_metrics() must be called on every process at the same iteration."
-        )
-
-    def _put_metrics(
-        self, flat: List[float], names: Sequence[str], iters: List[int], data_time: Optional[List[float]]
-    ) -> None:
-        width = len(names) + (data_time is None)
-        columns = [flat[j::width] for j in range(width)]
-        if data_time is None:
-            data_time = columns.pop()
-        total = columns[names.index("total_loss") if "total_loss" in names else 0]
-        if not all(map(math.isfinite, total)):
-            bad = next(i for i, v in enumerate(total) if not math.isfinite(v))
-            # What came before the bad iteration still reaches the storage.
-            self._put_series([c[:bad] for c in columns], names, iters[:bad], data_time[:bad])
-            raise FloatingPointError(
-                f"Loss became infinite or NaN at iteration={iters[bad]}!\n"
-                f"loss_dict = {dict(zip(names, (c[bad] for c in columns)))}\n"
-                "Checkpoints written before this iteration are untouched."
-            )
-        self._put_series(columns, names, iters, data_time)
-
-    def _put_series(
-        self, columns: List[List[float]], names: Sequence[str], iters: List[int], data_time: List[float]
-    ) -> None:
-        if not iters:
-            return
-        storage = get_event_storage()
-        for name, column in zip(names, columns):
-            storage.put_scalar_series(name, column, iters)
-        if "total_loss" not in names:
-            storage.put_scalar_series("total_loss", columns[0], iters)
-        storage.put_scalar_series("data_time", data_time, iters)
+        self.loss_log.flush()
 
     def after_train(self) -> None:
-        # Failed runs write what they have from this rank alone: other ranks may never reach a collective.
+        # A failed run writes what it has from this rank alone: other ranks may never reach a collective.
         orderly = self.iter == self.max_iter or self.stop_reason is not None
         try:
-            self.flush_metrics(reduce=orderly)
+            self.loss_log.flush(reduce=orderly)
         except FloatingPointError:
             if orderly:
                 raise
         finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
-            # The hooks' after_train runs also when this final gather finds a non-finite loss (a stopped run).
+            # The hooks' after_train runs also when this final flush finds a non-finite loss (a stopped run).
             super().after_train()
 
     # ---- state ---------------------------------------------------------------------------------------------

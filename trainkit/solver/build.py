@@ -77,6 +77,28 @@ def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimiz
     return optimizer_cls(params, lr=solver.BASE_LR, betas=tuple(solver.BETAS), weight_decay=solver.WEIGHT_DECAY)
 
 
+def _with_bias_overrides(
+    overrides: Optional[Dict[str, Dict[str, float]]], base_lr: Optional[float], bias_lr_factor: float,
+    weight_decay_bias: Optional[float],
+) -> Dict[str, Dict[str, float]]:
+    # A copy of `overrides` where bias_lr_factor and weight_decay_bias became overrides["bias"].
+    overrides = {name: dict(values) for name, values in (overrides or {}).items()}
+    bias_overrides: Dict[str, float] = {}
+    if bias_lr_factor != 1.0:
+        if base_lr is None:
+            raise ValueError(f"bias_lr_factor={bias_lr_factor} needs base_lr; pass base_lr too")
+        bias_overrides["lr"] = base_lr * bias_lr_factor
+    if weight_decay_bias is not None:
+        bias_overrides["weight_decay"] = weight_decay_bias
+    if bias_overrides:
+        if "bias" in overrides:
+            raise ValueError(
+                "overrides['bias'] conflicts with bias_lr_factor/weight_decay_bias; set the bias's values in one place"
+            )
+        overrides["bias"] = bias_overrides
+    return overrides
+
+
 def get_default_optimizer_params(
     model: torch.nn.Module,
     base_lr: Optional[float] = None,
@@ -111,21 +133,7 @@ def get_default_optimizer_params(
     Returns:
         A list of ``{"params": [...], **hyperparameters}`` dicts for a ``torch.optim.Optimizer``.
     """
-    overrides = {name: dict(values) for name, values in (overrides or {}).items()}
-    bias_overrides: Dict[str, float] = {}
-    if bias_lr_factor != 1.0:
-        if base_lr is None:
-            raise ValueError(f"bias_lr_factor={bias_lr_factor} needs base_lr; pass base_lr too")
-        bias_overrides["lr"] = base_lr * bias_lr_factor
-    if weight_decay_bias is not None:
-        bias_overrides["weight_decay"] = weight_decay_bias
-    if bias_overrides:
-        if "bias" in overrides:
-            raise ValueError(
-                "overrides['bias'] conflicts with bias_lr_factor/weight_decay_bias; set the bias's values in one place"
-            )
-        overrides["bias"] = bias_overrides
-
+    overrides = _with_bias_overrides(overrides, base_lr, bias_lr_factor, weight_decay_bias)
     defaults: Dict[str, float] = {}
     if base_lr is not None:
         defaults["lr"] = base_lr

@@ -5,8 +5,10 @@ it periodically and write JSON lines, TensorBoard events or console lines. Nobod
 
 Two properties matter for speed and for long runs:
 
-* A scalar put as a tensor stays a tensor (on its device) until something reads the storage; all pending
-  tensors then move to the host together, one transfer per device. Putting never forces a host sync.
+* A scalar put as a tensor stays a tensor (on its device) until something reads it; all pending tensors then
+  move to the host together, one transfer per device. Putting never forces a host sync. A number goes into
+  the history at once (only behind a pending tensor of its own name), so that a hook reading it with
+  :meth:`EventStorage.latest_value` sees it in the same iteration, with no transfer.
 * History is bounded: each name keeps its last ``max_length`` values (plus an exact running sum for
   ``global_avg``), so memory does not grow with the number of iterations.
 """
@@ -171,6 +173,7 @@ class EventStorage:
         self._smoothing_hints: Dict[str, bool] = {}
         self._latest_scalars: Dict[str, Tuple[float, int]] = {}
         self._pending: List[Tuple[str, Scalar, int]] = []
+        self._pending_names: set = set()  # the names with a tensor in _pending
         self._iter = start_iter
         self.start_iter = start_iter
         self._current_prefix = ""
@@ -201,8 +204,9 @@ class EventStorage:
             # A snapshot (a device-side copy, no sync): the caller may change the tensor in place later, as
             # GradScaler.update() does to its scale.
             self._pending.append((name, value.detach().clone(), cur_iter))
-        elif self._pending:
-            # Keep the order of puts: a number put after a pending tensor waits behind it.
+            self._pending_names.add(name)
+        elif name in self._pending_names:
+            # Keep the order of one name's values: a number put after a pending tensor waits behind it.
             self._pending.append((name, float(value), cur_iter))
         else:
             value = float(value)
@@ -227,7 +231,7 @@ class EventStorage:
 
         Same as ``put_scalar(name, v, smoothing_hint, cur_iter=i)`` for each pair in order, but cheaper.
         """
-        if self._pending or not values:
+        if self._current_prefix + name in self._pending_names or not values:
             for value, itr in zip(values, iterations):
                 self.put_scalar(name, value, smoothing_hint, cur_iter=itr)
             return
@@ -284,6 +288,7 @@ class EventStorage:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
+        self._pending_names.clear()
         by_device: Dict[torch.device, List[int]] = defaultdict(list)
         for i, (_, v, _) in enumerate(pending):
             if isinstance(v, torch.Tensor):
@@ -320,6 +325,22 @@ class EventStorage:
         """``{name: (latest value, iteration it was put at)}``."""
         self._materialize()
         return self._latest_scalars
+
+    def latest_value(self, name: str) -> Optional[Tuple[float, int]]:
+        """The newest value of ``name`` and the iteration it was put at, or None when nothing was put under it.
+
+        Cheap enough for every step: it moves pending tensors to the host only when one of them is of this
+        name. It reads the history, so a value restored from a checkpoint counts.
+        """
+        if name in self._pending_names:
+            self._materialize()
+        buf = self._history.get(name)
+        return None if buf is None else buf.values_tail()
+
+    def changed_since(self, name: str, iteration: int) -> bool:
+        """Whether a value of ``name`` was put at an iteration later than ``iteration``."""
+        latest = self.latest_value(name)
+        return latest is not None and latest[1] > iteration
 
     def latest_with_smoothing_hint(self, window_size: int = 20) -> Dict[str, Tuple[float, int]]:
         """Like :meth:`latest`, but a metric with a smoothing hint gives its median over ``window_size``."""
@@ -569,7 +590,7 @@ class CommonMetricPrinter(EventWriter):
         if self._max_iter is None:
             return None
         remaining = self._max_iter - iteration - 1
-        hist = storage._history.get("time")
+        hist = storage.histories().get("time")
         if hist is not None and hist.global_count() > 0:
             seconds = hist.median(1000) * remaining
             storage.put_scalar("eta_seconds", seconds, smoothing_hint=False)
