@@ -346,3 +346,29 @@ def test_periodic_save_passes_through(tmp_path):
     periodic = PeriodicCheckpointer(Checkpointer(_mlp(), str(tmp_path)), period=100)
     assert periodic.save("model_manual", note="x") == str(tmp_path / "model_manual.pth")
     assert Checkpointer(_mlp()).load(str(tmp_path / "model_manual.pth")) == {"note": "x"}
+
+
+@pytest.mark.parametrize(
+    "make_tag, problem",
+    [
+        (lambda tag: tag.write_text(""), "is empty"),
+        (lambda tag: tag.write_bytes(b"\x80\x04\x95\x00binary"), "is not a text file"),
+        (lambda tag: tag.mkdir(), "is a folder, not the tag file"),
+        (lambda tag: tag.write_text("../elsewhere/model_final.pth"), "names '../elsewhere/model_final.pth', which is not a file in"),
+        (lambda tag: tag.write_text("/tmp/model_final.pth"), "names '/tmp/model_final.pth', which is not a file in"),
+    ],
+    ids=["empty", "binary", "a folder", "a relative path outside", "an absolute path"],
+)
+def test_a_broken_last_checkpoint_tag_is_a_clear_error_naming_it_and_never_a_fresh_start(tmp_path, make_tag, problem):
+    model = nn.Linear(2, 2)
+    Checkpointer(model, str(tmp_path)).save("model_0000009")
+    tag = tmp_path / "last_checkpoint"
+    if tag.is_file():
+        tag.unlink()
+    make_tag(tag)
+    checkpointer = Checkpointer(nn.Linear(2, 2), str(tmp_path))
+    for call in (checkpointer.has_checkpoint, lambda: checkpointer.resume_or_load("", resume=True)):
+        with pytest.raises(CheckpointError) as info:
+            call()
+        assert str(info.value).startswith(f"The last-checkpoint tag {tag} {problem}")
+        assert "the folder holds: ['model_0000009.pth']" in str(info.value)

@@ -83,3 +83,13 @@ def test_data_parallel_state_dict_loads_into_a_plain_model_and_back():
     load_model_state_dict(other, plain.state_dict())
     assert torch.equal(other.module.backbone.bias, plain.backbone.bias)
     assert unwrap_model(other) is other.module
+
+
+def test_a_weight_of_another_dtype_is_cast_with_a_warning_naming_it(caplog):
+    source = nn.Linear(2, 2).half()
+    target = nn.Linear(2, 2)
+    with caplog.at_level(logging.WARNING, logger="trainkit"):
+        load_model_state_dict(target, source.state_dict(), source="half.pth")
+    assert "Loading 'weight' from half.pth: cast from torch.float16 in the checkpoint to torch.float32 in the model." \
+        in caplog.text
+    assert target.weight.dtype == torch.float32 and torch.equal(target.weight, source.weight.float())

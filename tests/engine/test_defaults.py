@@ -405,3 +405,39 @@ def test_default_trainer_scales_the_config_to_its_world_size(tmp_path):
     trainer = DefaultTrainer(cfg)  # one process: half the batch, twice the iterations
     assert (trainer.cfg.SOLVER.IMS_PER_BATCH, trainer.cfg.SOLVER.BASE_LR, trainer.max_iter) == (32, 0.05, 80)
     assert cfg.SOLVER.IMS_PER_BATCH == 64
+
+
+@pytest.mark.parametrize("iteration", [-5, 2**60, 3.5, "12", None], ids=["negative", "huge", "fractional", "str", "missing"])
+def test_resuming_from_a_checkpoint_with_a_bad_iteration_is_an_error_naming_the_file_and_the_field(tmp_path, iteration):
+    from trainkit.checkpoint import CheckpointError
+    from trainkit.checkpoint.serialization import atomic_save, load_checkpoint_file
+
+    cfg = digits_cfg(tmp_path, "SOLVER.MAX_ITER", 10, "SOLVER.CHECKPOINT_PERIOD", 5)
+    train(cfg)
+    path = tmp_path / "model_0000004.pth"
+    data = load_checkpoint_file(str(path))
+    if iteration is None:
+        del data["trainer"]["iteration"]
+    else:
+        data["trainer"]["iteration"] = iteration
+    atomic_save(data, str(path))
+    (tmp_path / "last_checkpoint").write_text(path.name)
+    trainer = DefaultTrainer(cfg)
+    with pytest.raises(CheckpointError) as info:
+        trainer.resume_or_load(resume=True)
+    assert f"Could not restore 'trainer' from '{path}'" in str(info.value)
+    assert f"the trainer state's 'iteration' must be a whole number in [0, 2**53)" in str(info.value)
+    assert f"got {iteration!r}" in str(info.value)
+
+
+def test_resuming_from_a_weights_only_checkpoint_is_an_error_instead_of_a_fresh_optimizer(tmp_path):
+    from trainkit.checkpoint import CheckpointError
+    from trainkit.checkpoint.serialization import atomic_save, load_checkpoint_file
+
+    cfg = digits_cfg(tmp_path, "SOLVER.MAX_ITER", 10)
+    train(cfg)
+    path = tmp_path / "model_final.pth"
+    atomic_save({"model": load_checkpoint_file(str(path))["model"]}, str(path))
+    trainer = DefaultTrainer(cfg)
+    with pytest.raises(CheckpointError, match=r"Cannot resume from .*model_final.pth: it has no trainer state"):
+        trainer.resume_or_load(resume=True)

@@ -247,7 +247,7 @@ def test_only_rank_0_writes_files(runs):
     tfevents = [n for n in names if n.startswith("events.out.tfevents.")]
     assert len(tfevents) == 1
     assert sorted(set(names) - set(tfevents)) == [
-        "config.yaml", "last_checkpoint", "log.txt", "log.txt.rank1", "metrics.json",
+        ".trainkit.lock", "config.yaml", "last_checkpoint", "log.txt", "log.txt.rank1", "metrics.json",
         "model_0000009.pth", "model_0000019.pth", "model_final.pth",
     ]
     assert (run_dir / "last_checkpoint").read_text() == "model_final.pth"
@@ -344,7 +344,7 @@ def test_resumed_run_continues_on_every_rank_and_ends_with_the_uninterrupted_wei
 
     assert without_timings(read_metrics(resumed)) == without_timings(read_metrics(runs / "uninterrupted"))
     names = sorted(n for n in os.listdir(resumed) if not n.startswith("events.out.tfevents."))
-    assert names == ["config.yaml", "last_checkpoint", "log.txt", "log.txt.rank1", "metrics.json", CHECKPOINT,
+    assert names == [".trainkit.lock", "config.yaml", "last_checkpoint", "log.txt", "log.txt.rank1", "metrics.json", CHECKPOINT,
                      "model_0000019.pth", "model_final.pth"]
 
 

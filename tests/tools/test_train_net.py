@@ -72,3 +72,71 @@ def test_a_missing_config_file_fails_naming_the_path(tmp_path):
     proc = run_tool("train_net.py", "--config-file", "configs/digits/nope.yaml", expect_success=False)
     assert proc.returncode != 0
     assert "Config file not found: configs/digits/nope.yaml" in proc.stderr
+
+
+def test_a_second_run_into_the_folder_of_a_live_run_fails_naming_the_folder_and_its_pid(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.tools.cli import REPO, SHORT_RUN
+
+    out = tmp_path / "run"
+    first = subprocess.Popen(
+        [sys.executable, "tools/train_net.py", "--config-file", CONFIG, *SHORT_RUN, "SOLVER.MAX_ITER", "1000000",
+         "OUTPUT_DIR", str(out)],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "last_checkpoint").exists():  # the first run is training and saving
+            assert first.poll() is None and time.monotonic() < deadline, "the first run did not start training"
+            time.sleep(0.2)
+        second = run_tool("train_net.py", "--config-file", CONFIG, "OUTPUT_DIR", str(out), expect_success=False)
+        assert second.returncode != 0
+        assert f"OUTPUT_DIR {str(out)!r} is in use by another run (PID {first.pid}" in second.stderr
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+
+
+def test_a_flag_after_the_overrides_is_an_error_that_says_to_move_it(tmp_path):
+    proc = run_tool("train_net.py", "--config-file", CONFIG, "OUTPUT_DIR", str(tmp_path), "--resume",
+                    expect_success=False)
+    assert proc.returncode == 2
+    assert ("--resume comes after the KEY VALUE config overrides, where it would be read as a config key. Move it "
+            "before them") in proc.stderr
+    assert not (tmp_path / "config.yaml").exists()
+
+
+def test_eval_only_without_weights_is_an_error_unless_random_weights_are_asked_for(tmp_path):
+    refused = run_tool("train_net.py", "--config-file", CONFIG, "--eval-only", "OUTPUT_DIR", str(tmp_path / "a"),
+                       expect_success=False)
+    assert refused.returncode != 0
+    assert "--eval-only needs weights to evaluate: give MODEL.WEIGHTS" in refused.stderr
+    assert "Evaluation results" not in refused.stdout + refused.stderr
+    baseline = run_tool("train_net.py", "--config-file", CONFIG, "--eval-only", "--random-weights",
+                        "OUTPUT_DIR", str(tmp_path / "b"))
+    assert logged_classification(baseline.stdout + baseline.stderr)["top1"] < 50  # an untrained model, on purpose
+
+
+def test_a_fresh_run_over_an_earlier_runs_checkpoints_is_refused_and_start_over_keeps_them_aside(tmp_path):
+    from tests.tools.cli import SHORT_RUN
+
+    out = tmp_path / "run"
+    run = ["--config-file", CONFIG, *SHORT_RUN, "SOLVER.MAX_ITER", "20", "OUTPUT_DIR", str(out)]
+    run_tool("train_net.py", *run)
+    first_final = (out / "model_final.pth").read_bytes()
+    first_metrics = (out / "metrics.json").read_text()
+    refused = run_tool("train_net.py", *run, expect_success=False)
+    assert refused.returncode != 0
+    assert f"OUTPUT_DIR {str(out)!r} holds the checkpoints of an earlier run" in refused.stderr
+    assert "Continue that run with --resume, start over with --start-over" in refused.stderr
+    assert (out / "model_final.pth").read_bytes() == first_final and (out / "metrics.json").read_text() == first_metrics
+    run_tool("train_net.py", "--start-over", *run)
+    kept = out / "earlier_run_1"
+    assert (kept / "model_final.pth").read_bytes() == first_final
+    assert (kept / "metrics.json").read_text() == first_metrics
+    assert [line["iteration"] for line in read_metrics(out)] == [9, 19]  # the new run's own lines, once each

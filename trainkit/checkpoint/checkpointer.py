@@ -128,15 +128,42 @@ class Checkpointer:
     # ---------------------------------------------------------------------------------------- finding
 
     def get_checkpoint_file(self) -> str:
-        """The path the ``last_checkpoint`` tag names, or ``""`` if there is no tag."""
+        """The path the ``last_checkpoint`` tag names, or ``""`` if there is no tag.
+
+        Raises:
+            CheckpointError: the tag is a folder, empty, not text, or names a file outside ``save_dir``. Each
+                of these would otherwise start the run over (and overwrite its checkpoints) or load another
+                run's file; the message names the tag and what to do.
+        """
         if not self.save_dir:
             return ""
+        tag = os.path.join(self.save_dir, _TAG_FILE)
         try:
-            with open(os.path.join(self.save_dir, _TAG_FILE), encoding="utf-8") as f:
-                last = f.read().strip()
+            with open(tag, "rb") as f:
+                raw = f.read(4096)
         except FileNotFoundError:
             return ""
-        return os.path.join(self.save_dir, last) if last else ""
+        except IsADirectoryError:
+            raise CheckpointError(self._bad_tag(tag, "is a folder, not the tag file")) from None
+        try:
+            last = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            last = None
+        if last is None or not last.isprintable():
+            raise CheckpointError(self._bad_tag(tag, "is not a text file"))
+        if not last:
+            raise CheckpointError(self._bad_tag(tag, "is empty"))
+        if os.path.basename(last) != last or last in (".", ".."):
+            raise CheckpointError(self._bad_tag(tag, f"names {last!r}, which is not a file in {self.save_dir!r}"))
+        return os.path.join(self.save_dir, last)
+
+    def _bad_tag(self, tag: str, problem: str) -> str:
+        names = [os.path.basename(p) for p in self.get_all_checkpoint_files()]
+        return (
+            f"The last-checkpoint tag {tag} {problem}; it must hold the name of one checkpoint file in that folder. "
+            f"Write the name of the checkpoint to resume from into it (the folder holds: {names or 'no .pth files'}), "
+            "or move the folder away to start a new run."
+        )
 
     def has_checkpoint(self) -> bool:
         """Whether ``save_dir`` has a ``last_checkpoint`` tag (the file it names may still be missing)."""

@@ -86,6 +86,12 @@ def _pop_shape_mismatches(
                 tuple(value.shape),
                 tuple(target.shape),
             )
+        elif value.dtype != target.dtype:
+            # load_state_dict's copy_ casts silently; a float16 checkpoint into a float32 model loses precision.
+            logger.warning(
+                "Loading '%s' from %s: cast from %s in the checkpoint to %s in the model.",
+                key, source, value.dtype, target.dtype,
+            )
     return mismatches
 
 

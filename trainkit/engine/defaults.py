@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from trainkit.checkpoint import Checkpointer
+from trainkit.checkpoint import Checkpointer, CheckpointError
 from trainkit.config import CfgNode
 from trainkit.data import (
     MetadataCatalog,
@@ -34,6 +34,7 @@ from trainkit.utils import comm
 from trainkit.utils.env import collect_env_info, get_rng_state, seed_all_rng, set_rng_state
 from trainkit.utils.events import CommonMetricPrinter, EventWriter, JSONWriter, TensorboardXWriter
 from trainkit.utils.logger import setup_logger
+from trainkit.utils.output_dir import LOCK_FILE, lock_output_dir, unlock_output_dir
 
 __all__ = [
     "create_ddp_model",
@@ -75,12 +76,26 @@ def create_ddp_model(model: nn.Module, *, fp16_compression: bool = False, **kwar
     return ddp
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse reads a flag that comes after the ``KEY VALUE`` overrides as one more override; say so."""
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        parsed, extra = super().parse_known_args(args, namespace)
+        flags = [o for o in getattr(parsed, "opts", None) or [] if isinstance(o, str) and o.startswith("--")]
+        if flags:
+            self.error(
+                f"{flags[0]} comes after the KEY VALUE config overrides, where it would be read as a config key. Move "
+                f"it before them, e.g. --config-file FILE {flags[0]} SOLVER.MAX_ITER 100."
+            )
+        return parsed, extra
+
+
 def default_argument_parser(epilog: Optional[str] = None) -> argparse.ArgumentParser:
     """The command-line arguments of ``tools/train_net.py``: config file, resume, eval-only, processes.
 
     Trailing ``KEY VALUE`` pairs override config options, e.g. ``SOLVER.MAX_ITER 100``.
     """
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         epilog=epilog
         or "Examples:\n  Train:    %(prog)s --config-file configs/digits/mlp.yaml\n"
         "  Resume:   %(prog)s --config-file configs/digits/mlp.yaml --resume\n"
@@ -95,6 +110,17 @@ def default_argument_parser(epilog: Optional[str] = None) -> argparse.ArgumentPa
         help="continue from the last checkpoint in OUTPUT_DIR (MODEL.WEIGHTS is ignored when one exists)",
     )
     parser.add_argument("--eval-only", action="store_true", help="evaluate MODEL.WEIGHTS and exit")
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="with --eval-only: evaluate the model as initialised, without MODEL.WEIGHTS (a baseline)",
+    )
+    parser.add_argument(
+        "--start-over",
+        action="store_true",
+        help="train from iteration 0 in an OUTPUT_DIR that holds an earlier run's checkpoints; what is there "
+        "moves to OUTPUT_DIR/earlier_run_N",
+    )
     parser.add_argument(
         "--num-gpus", type=int, default=1, help="processes per machine (one per GPU; CPU processes without CUDA)"
     )
@@ -124,7 +150,10 @@ def default_setup(cfg: CfgNode, args: argparse.Namespace) -> None:
     output_dir = cfg.OUTPUT_DIR
     rank = comm.get_rank()
     if comm.is_main_process() and output_dir:
-        os.makedirs(output_dir, exist_ok=True)
+        # Before anything is written there: a second run into the folder of a live one stops here, with an
+        # error naming the folder and the PID holding it. Held until this process ends.
+        lock_output_dir(output_dir)
+        _check_output_dir_for_this_run(cfg, args)
     comm.synchronize()
     setup_logger(output_dir or None, distributed_rank=rank, name="trainkit")
     logger.info("Rank of current process: %d. World size: %d", rank, comm.get_world_size())
@@ -139,6 +168,43 @@ def default_setup(cfg: CfgNode, args: argparse.Namespace) -> None:
     logger.info("Seeded the RNGs of rank %d with %d", rank, seed)
     if not getattr(args, "eval_only", False):
         torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
+
+
+def _check_output_dir_for_this_run(cfg: CfgNode, args: argparse.Namespace) -> None:
+    # The command-line mistakes that would silently lose work: a fresh run over an earlier run's checkpoints,
+    # and an evaluation of random weights. Only for the flags of default_argument_parser: a script that builds
+    # its own Namespace without them says nothing about resuming.
+    if not hasattr(args, "resume"):
+        return
+    tag = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")
+    resume, eval_only = getattr(args, "resume", False), getattr(args, "eval_only", False)
+    if eval_only:
+        if not cfg.MODEL.WEIGHTS and not (resume and os.path.exists(tag)) and not getattr(args, "random_weights", False):
+            raise ValueError(
+                "--eval-only needs weights to evaluate: give MODEL.WEIGHTS path/to/model.pth (at the end of the command), "
+                f"or --resume to evaluate the last checkpoint in OUTPUT_DIR={cfg.OUTPUT_DIR!r}, or --random-weights "
+                "to evaluate the untrained model on purpose."
+            )
+        return
+    if resume or not os.path.exists(tag):
+        return
+    if not getattr(args, "start_over", False):
+        with open(tag, "rb") as f:
+            named = f.read(200).decode("utf-8", "replace").strip()
+        raise FileExistsError(
+            f"OUTPUT_DIR {cfg.OUTPUT_DIR!r} holds the checkpoints of an earlier run ({tag} names {named!r}); a fresh "
+            "run would overwrite them. Continue that run with --resume, start over with --start-over (what is there "
+            "moves to OUTPUT_DIR/earlier_run_N), or give this run another OUTPUT_DIR."
+        )
+    n = 1
+    while os.path.exists(os.path.join(cfg.OUTPUT_DIR, f"earlier_run_{n}")):
+        n += 1
+    keep = os.path.join(cfg.OUTPUT_DIR, f"earlier_run_{n}")
+    os.makedirs(keep)
+    for name in os.listdir(cfg.OUTPUT_DIR):
+        if name != LOCK_FILE and not name.startswith("earlier_run_"):
+            os.replace(os.path.join(cfg.OUTPUT_DIR, name), os.path.join(keep, name))
+    logger.warning("--start-over: moved what the earlier run left in %s to %s", cfg.OUTPUT_DIR, keep)
 
 
 def default_writers(output_dir: str, max_iter: Optional[int] = None) -> List[EventWriter]:
@@ -280,7 +346,15 @@ class DefaultTrainer(TrainerBase):
         has_checkpoint = resume and self.checkpointer.has_checkpoint()
         if resume and not has_checkpoint:
             logger.info("--resume: no checkpoint in %r; starting from scratch.", self.cfg.OUTPUT_DIR)
+        self._restored_state = False
         self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
+        if has_checkpoint and not self._restored_state:
+            path = self.checkpointer.get_checkpoint_file()
+            raise CheckpointError(
+                f"Cannot resume from {path}: it has no trainer state (no 'trainer' entry: iteration, optimizer, "
+                "scheduler, hooks), only weights. To start a new run from these weights, give MODEL.WEIGHTS "
+                f"{path} and a new OUTPUT_DIR, without --resume."
+            )
         if has_checkpoint:
             # load_state_dict set self.iter to the last finished iteration.
             self.start_iter = self.iter + 1
@@ -300,8 +374,17 @@ class DefaultTrainer(TrainerBase):
             )
 
     def train(self) -> Optional[Dict[str, Any]]:
-        """Runs training; returns the last evaluation results (None if there was no evaluation)."""
-        super().train(self.start_iter, self.max_iter)
+        """Runs training; returns the last evaluation results (None if there was no evaluation).
+
+        The main process holds the lock of ``OUTPUT_DIR`` meanwhile (see :func:`lock_output_dir`): a second
+        run into the same folder gets a clear error instead of overwriting this one's checkpoints.
+        """
+        took_lock = comm.is_main_process() and bool(self.cfg.OUTPUT_DIR) and lock_output_dir(self.cfg.OUTPUT_DIR)
+        try:
+            super().train(self.start_iter, self.max_iter)
+        finally:
+            if took_lock:
+                unlock_output_dir(self.cfg.OUTPUT_DIR)
         return self._last_eval_results
 
     def run_step(self) -> None:
@@ -330,6 +413,7 @@ class DefaultTrainer(TrainerBase):
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._trainer.load_state_dict(state_dict["_trainer"])
+        self._restored_state = True
         saved_seed, seed = state_dict.get("data_seed"), get_train_loader_seed(self.data_loader)
         if saved_seed is not None and saved_seed != seed:
             if self.cfg.SEED < 0 and seed is not None:

@@ -202,8 +202,18 @@ class TrainerBase:
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restores the iteration and the hooks' states saved by :meth:`state_dict`; the metric histories are
-        restored when :meth:`train` opens the storage."""
-        self.iter = state_dict["iteration"]
+        restored when :meth:`train` opens the storage.
+
+        Raises:
+            ValueError: the saved iteration is not a whole number >= 0 (a checkpoint that was edited or broken).
+        """
+        iteration = state_dict.get("iteration")
+        if type(iteration) is not int or not 0 <= iteration < 2**53:
+            raise ValueError(
+                f"the trainer state's 'iteration' must be a whole number in [0, 2**53) (the last finished iteration), got "
+                f"{iteration!r}; this checkpoint cannot be resumed from. Resume from another checkpoint in the folder."
+            )
+        self.iter = iteration
         self._storage_state = state_dict.get("storage")
         for key, value in state_dict.get("hooks", {}).items():
             for h in self._hooks:
