@@ -160,8 +160,8 @@ def test_a_subclass_overrides_model_optimizer_and_evaluator_and_adds_a_hook(tmp_
     assert type(model) is LinearClassifierOfTestDefaults and model.training_forwards == 40
     assert not torch.equal(initial["linear.weight"], model.linear.weight)
     assert type(trainer.optimizer) is torch.optim.AdamW and trainer.optimizer.built_by == "CustomTrainer"
-    # A hook registered later still runs before the checkpointing hooks and the writer.
-    assert trainer._hooks[-4] is recorder and type(trainer._hooks[-1]) is hooks.PeriodicWriter
+    # A hook registered later still runs before the writer and the checkpointing hooks.
+    assert trainer._hooks[-4] is recorder and type(trainer._hooks[-3]) is hooks.PeriodicWriter
     assert recorder.points == ["before_train", *range(40), "after_train"]
     # The evaluator ran at iterations 19 and 39, and its result is the final model's accuracy.
     assert len(AccuracyEvaluator.used) == 2
@@ -177,24 +177,25 @@ def test_a_subclass_overrides_model_optimizer_and_evaluator_and_adds_a_hook(tmp_
 
 
 # ---- default hooks -------------------------------------------------------------------------------------------
-def test_default_hooks_are_timer_scheduler_eval_checkpointer_preemption_writer_in_that_order(tmp_path):
+def test_default_hooks_are_timer_scheduler_eval_writer_checkpointer_preemption_in_that_order(tmp_path):
+    # The writer before the checkpointing hooks: a checkpoint at a write iteration comes after that write.
     trainer = DefaultTrainer(digits_cfg(tmp_path))
     assert [type(h) for h in trainer._hooks] == [
         hooks.IterationTimer,
         hooks.LRScheduler,
         hooks.EvalHook,
+        hooks.PeriodicWriter,
         hooks.PeriodicCheckpointer,
         hooks.PreemptionHandler,
-        hooks.PeriodicWriter,
     ]
-    # Hooks registered later run before the checkpointing hooks and the writer.
+    # Hooks registered later run before the writer and the checkpointing hooks.
     extra = hooks.CallbackHook()
     trainer.register_hooks([extra])
     assert [type(h) for h in trainer._hooks[-4:]] == [
         hooks.CallbackHook,
+        hooks.PeriodicWriter,
         hooks.PeriodicCheckpointer,
         hooks.PreemptionHandler,
-        hooks.PeriodicWriter,
     ]
 
 

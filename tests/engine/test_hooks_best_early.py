@@ -370,7 +370,7 @@ def test_default_trainer_keeps_the_model_of_its_best_evaluation(tmp_path):
     trainer = default_trainer(
         cfg, lambda t: [hooks.BestCheckpointer(checkpointer=t.checkpointer, val_metric="classification/top1"), FileWatcher(str(tmp_path))]
     )
-    assert type(trainer._hooks[-1]) is hooks.PeriodicWriter
+    assert type(trainer._hooks[-3]) is hooks.PeriodicWriter
     trainer.resume_or_load(resume=False)
     trainer.train()
     top1 = [(m["iteration"], m["classification/top1"]) for m in read_metrics(tmp_path) if "classification/top1" in m]

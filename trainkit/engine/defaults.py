@@ -257,11 +257,11 @@ class DefaultTrainer(TrainerBase):
     ``build_evaluator``, ``build_hooks``, ``build_writers``).
 
     The default hooks, in order: IterationTimer, LRScheduler, EvalHook (``TEST.EVAL_PERIOD`` and after the
-    last iteration), PeriodicCheckpointer (``SOLVER.CHECKPOINT_PERIOD``), PreemptionHandler (SIGTERM/SIGINT:
-    finish the step, save, stop), PeriodicWriter (``SOLVER.LOG_PERIOD``; main process only). The last three
-    stay last when more hooks are registered, so a checkpoint taken at an evaluation iteration holds the
-    state of the hooks that reacted to that evaluation (best checkpoint, early stopping), and the writers
-    write everything the iteration put. (detectron2 checkpoints before evaluating; a resumed run then forgets
+    last iteration), PeriodicWriter (``SOLVER.LOG_PERIOD``; main process only), PeriodicCheckpointer
+    (``SOLVER.CHECKPOINT_PERIOD``), PreemptionHandler (SIGTERM/SIGINT: finish the step, save, stop). The last
+    three stay last when more hooks are registered, so the writers write everything the iteration put, and a
+    checkpoint taken at an evaluation iteration holds the state of the hooks that reacted to that evaluation
+    (best checkpoint, early stopping) and comes after that iteration's metrics lines. (detectron2 checkpoints before evaluating; a resumed run then forgets
     the evaluation made at the checkpoint's iteration.)
 
     Checkpoints hold the model, the optimizer, the LR scheduler, the grad scaler, the iteration, every hook's
@@ -320,13 +320,15 @@ class DefaultTrainer(TrainerBase):
         return self._trainer.optimizer
 
     # ---- running -------------------------------------------------------------------------------------------
-    # Hooks that save or write what an iteration produced: they run after every other hook of the iteration.
-    _TAIL_HOOKS = (hooks.PeriodicCheckpointer, hooks.PreemptionHandler, hooks.PeriodicWriter)
+    # Hooks that write and save what an iteration produced: they run after every other hook of the iteration,
+    # the writers first, so that a checkpoint taken at a write iteration comes after that write (a kill between
+    # the two then loses no metrics line: the resumed run writes from the last write before its checkpoint).
+    _TAIL_HOOKS = (hooks.PeriodicWriter, hooks.PeriodicCheckpointer, hooks.PreemptionHandler)
 
     def register_hooks(self, hooks_: Sequence[Optional[HookBase]]) -> None:
-        """Appends hooks, but keeps the checkpointing hooks and then the PeriodicWriter last, so that what a
-        later-registered hook does in an iteration (its state, the metrics it puts) is in that iteration's
-        checkpoint and reaches the writers."""
+        """Appends hooks, but keeps the PeriodicWriter and then the checkpointing hooks last, so that what a
+        later-registered hook does in an iteration (its state, the metrics it puts) reaches the writers and is
+        in that iteration's checkpoint."""
         super().register_hooks(hooks_)
         tail = [h for kind in self._TAIL_HOOKS for h in self._hooks if type(h) is kind]
         if self._hooks[len(self._hooks) - len(tail):] != tail:
@@ -454,15 +456,15 @@ class DefaultTrainer(TrainerBase):
             hooks.IterationTimer(),
             hooks.LRScheduler(),
             hooks.EvalHook(cfg.TEST.EVAL_PERIOD, test_and_save_results),
-            hooks.PeriodicCheckpointer(
-                self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, max_to_keep=cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP or None
-            ),
-            hooks.PreemptionHandler(self.checkpointer, check_period=cfg.SOLVER.LOG_PERIOD),
             (
                 hooks.PeriodicWriter(self.build_writers(), period=cfg.SOLVER.LOG_PERIOD)
                 if comm.is_main_process()
                 else None
             ),
+            hooks.PeriodicCheckpointer(
+                self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, max_to_keep=cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP or None
+            ),
+            hooks.PreemptionHandler(self.checkpointer, check_period=cfg.SOLVER.LOG_PERIOD),
         ]
 
     def build_writers(self) -> List[EventWriter]:

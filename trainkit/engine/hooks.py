@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import torch
 
 from trainkit.checkpoint import PeriodicCheckpointer as _PeriodicCheckpointer
+from trainkit.checkpoint.serialization import atomic_save, load_checkpoint_file
 from trainkit.engine.ema import EMAHook, ModelEMA
 from trainkit.engine.metric_hooks import BestCheckpointer, EarlyStopping
 from trainkit.engine.train_loop import HookBase
@@ -259,6 +260,11 @@ class LRScheduler(HookBase):
 class PeriodicWriter(HookBase):
     """Calls each writer's ``write()`` every ``period`` iterations and after the last one, then closes them.
 
+    Its state (saved with the trainer's) is the iteration of its last write. A resumed run tells each writer
+    (:meth:`EventWriter.continue_after`) to drop what was written after that and to write it again, so that
+    across any kills every iteration is written exactly once. Register it before the checkpointing hooks
+    (``DefaultTrainer`` does): then a checkpoint taken at a write iteration comes after that write.
+
     Args:
         writers: the :class:`EventWriter` s.
         period: iterations between writes. Match the trainer's ``gather_metric_period`` (or a multiple of it):
@@ -273,11 +279,29 @@ class PeriodicWriter(HookBase):
         if period < 1:
             raise ValueError(f"PeriodicWriter period must be >= 1 iteration, got {period}; e.g. SOLVER.LOG_PERIOD.")
         self._period = period
+        self._written_through: Optional[int] = None  # the iteration of the last write in after_step
+        self._resumed_through: Optional[int] = None  # the same, loaded from a checkpoint
+
+    def before_train(self) -> None:
+        if self._resumed_through is not None and self.trainer.start_iter > 0:
+            for writer in self._writers:
+                writer.continue_after(self._resumed_through)
+            self._written_through = self._resumed_through
+        else:  # a fresh run; or a checkpoint without this state: the writers write from start_iter on
+            self._written_through = self.trainer.start_iter - 1
+        self._resumed_through = None
 
     def after_step(self) -> None:
         if period_fires(self._period, self.trainer.iter, self.trainer.max_iter):
             for writer in self._writers:
                 writer.write()
+            self._written_through = self.trainer.iter
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {} if self._written_through is None else {"written_through": self._written_through}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self._resumed_through = state_dict["written_through"]
 
     def after_train(self) -> None:
         # Also after an exception: write what there is, and always close.
@@ -324,6 +348,18 @@ class PeriodicCheckpointer(_PeriodicCheckpointer, HookBase):
         if period_fires(self.period, it, self.max_iter):
             _flush_trainer_metrics(self.trainer)
         self.step(it)
+
+    def after_train(self) -> None:
+        # A run resumed from the periodic checkpoint of its last iteration ran no iteration: the previous run
+        # was killed during the final save. That checkpoint and model_final are the same moment's state.
+        t = self.trainer
+        if t.start_iter == t.max_iter == t.iter and self.checkpointer.save_to_disk and self.checkpointer.save_dir:
+            last = self.checkpointer.get_checkpoint_file()
+            if os.path.basename(last) == f"{self.file_prefix}_{t.max_iter - 1:07d}.pth":
+                final = f"{self.file_prefix}_final.pth"
+                logger.info("Resumed after the last iteration: writing %s from %s.", final, os.path.basename(last))
+                atomic_save(load_checkpoint_file(last), os.path.join(self.checkpointer.save_dir, final))
+                self.checkpointer.tag_last_checkpoint(final)
 
 
 class PreemptionHandler(HookBase):
@@ -426,7 +462,7 @@ class EvalHook(HookBase):
         self._func = eval_function
         self._eval_after_train = eval_after_train
 
-    def _do_eval(self) -> None:
+    def _do_eval(self, put: bool = True) -> None:
         with preserve_rng_state():
             results = self._func()
         if comm.get_world_size() > 1:
@@ -445,12 +481,13 @@ class EvalHook(HookBase):
                         f"Evaluation result {name}={value!r} is not a number; the eval function must return a "
                         "dict of dicts of numbers."
                     ) from e
-            self.trainer.storage.put_scalars(**flattened, smoothing_hint=False)
+            if put:
+                self.trainer.storage.put_scalars(**flattened, smoothing_hint=False)
         # Evaluation may take different times on different ranks: meet before training continues.
         comm.synchronize()
 
     def before_train(self) -> None:
-        self._evaluated_final = False
+        self._evaluated_final = self._evaluated_final and self.trainer.start_iter >= self.trainer.max_iter
 
     def after_step(self) -> None:
         it, max_iter = self.trainer.iter, self.trainer.max_iter
@@ -460,11 +497,20 @@ class EvalHook(HookBase):
             self._evaluated_final = it == max_iter - 1
 
     def after_train(self) -> None:
-        # A resumed run that had no iteration left still evaluates the final model (at iteration max_iter).
-        if self._eval_after_train and self.trainer.iter == self.trainer.max_iter and not self._evaluated_final:
-            self._do_eval()
+        # A resumed run that had no iteration left still evaluates the final model, for train()'s results.
+        # When its checkpoint was taken after the final evaluation (killed during the final save), the
+        # storage already holds the results at the last iteration: put nothing, as the uninterrupted run did.
+        t = self.trainer
+        if self._eval_after_train and t.iter == t.max_iter and t.start_iter == t.max_iter:
+            self._do_eval(put=not self._evaluated_final)
         # The function usually closes over big objects (model, data): release them once training is over.
         self._func = None  # type: ignore[assignment]
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"evaluated_final": self._evaluated_final}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self._evaluated_final = bool(state_dict["evaluated_final"])
 
 
 class TorchProfiler(HookBase):

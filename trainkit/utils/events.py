@@ -359,8 +359,9 @@ class EventStorage:
     # ---- saving and restoring ------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         """The scalar histories (bounded) and smoothing hints, so that a resumed run's smoothed metrics and
-        global averages continue exactly. Images, histograms and the latest-value table are not included:
-        the resumed run only writes what it puts itself."""
+        global averages continue exactly. Images and histograms are not included. The latest value of each
+        name is the tail of its history, restored with it: a writer of the resumed run writes the values put
+        after its last write (see :meth:`EventWriter.continue_after`)."""
         self._materialize()
         return {
             "history": {name: buf.state_dict() for name, buf in self._history.items()},
@@ -370,7 +371,10 @@ class EventStorage:
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restores the histories saved by :meth:`state_dict` (before anything is put)."""
         for name, buf_state in state["history"].items():
-            self._buffer(name).load_state_dict(buf_state)
+            buf = self._buffer(name)
+            buf.load_state_dict(buf_state)
+            if buf_state["values"]:
+                self._latest_scalars[name] = buf.values_tail()
         self._smoothing_hints.update(state["smoothing_hints"])
 
     # ---- iteration and scoping -----------------------------------------------------------------------------
@@ -425,6 +429,12 @@ class EventWriter:
     def write(self) -> None:
         raise NotImplementedError
 
+    def continue_after(self, iteration: int) -> None:
+        """Called before the first write of a resumed run: this writer's output holds what it wrote up to
+        ``iteration`` (its last write before the checkpoint); it must drop what it wrote later and write the
+        values put after ``iteration`` again. :class:`~trainkit.engine.hooks.PeriodicWriter` calls it. Without
+        a call, a resumed run writes from ``storage.start_iter`` on. The default does nothing."""
+
     def close(self) -> None:
         pass
 
@@ -451,8 +461,9 @@ class JSONWriter(EventWriter):
 
     The file is opened at the first write, when the storage's ``start_iter`` is known:
 
-    * resuming (``start_iter > 0``): lines of iterations ``>= start_iter`` are dropped (a run killed after
-      its last checkpoint wrote them; the resumed run writes them again), and so is a trailing partial line;
+    * resuming (``start_iter > 0``): lines of iterations after the last write before the checkpoint (see
+      :meth:`EventWriter.continue_after`; ``start_iter - 1`` without it) are dropped, and so is a trailing
+      partial line: a run killed after its last checkpoint wrote them, and the resumed run writes them again;
     * starting from iteration 0 over an existing non-empty file: the old file is kept as
       ``<json_file>.<n>.bak`` and a new one started.
 
@@ -466,11 +477,16 @@ class JSONWriter(EventWriter):
         self._file_handle: Optional[Any] = None
         self._window_size = window_size
         self._last_write = -1
+        self._continue_after: Optional[int] = None
+
+    def continue_after(self, iteration: int) -> None:
+        self._continue_after = iteration
 
     def _open(self, start_iter: int) -> None:
+        kept = start_iter - 1 if self._continue_after is None else self._continue_after
         if os.path.exists(self._path) and os.path.getsize(self._path) > 0:
             if start_iter > 0:
-                self._drop_lines_from(start_iter)
+                self._drop_lines_from(kept + 1)
             else:
                 n = 1
                 while os.path.exists(f"{self._path}.{n}.bak"):
@@ -479,8 +495,9 @@ class JSONWriter(EventWriter):
                 logger.warning("%s existed; training starts at iteration 0, so it was moved to %s.bak",
                                self._path, f"{self._path}.{n}")
         self._file_handle = open(self._path, "a")
-        # The file now ends before start_iter: a writer reused for another run writes from there on again.
-        self._last_write = min(self._last_write, start_iter - 1)
+        # The file now ends at `kept`: write what was put after it (a reused writer writes from there again).
+        self._last_write = kept if start_iter > 0 else min(self._last_write, start_iter - 1)
+        self._continue_after = None
 
     def _drop_lines_from(self, start_iter: int) -> None:
         with open(self._path) as f:
@@ -537,14 +554,21 @@ class TensorboardXWriter(EventWriter):
         self._window_size = window_size
         self._writer: Optional[Any] = None
         self._last_write = -1
+        self._continue_after: Optional[int] = None
+
+    def continue_after(self, iteration: int) -> None:
+        self._continue_after = iteration
 
     def _open(self, start_iter: int) -> None:
         from torch.utils.tensorboard import SummaryWriter  # slow import: only when used
 
-        # A resumed run tells TensorBoard to hide the steps >= start_iter that an interrupted run wrote.
+        # A resumed run tells TensorBoard to hide the steps that an interrupted run wrote after the last write
+        # before its checkpoint, and writes them again.
         kwargs = dict(self._kwargs)
         if start_iter > 0:
-            kwargs.setdefault("purge_step", start_iter)
+            kept = start_iter - 1 if self._continue_after is None else self._continue_after
+            kwargs.setdefault("purge_step", kept + 1)
+            self._last_write = kept
         self._writer = SummaryWriter(self._log_dir, **kwargs)
 
     def write(self) -> None:

@@ -1,0 +1,49 @@
+"""Reliability round two: real tools/train_net.py runs SIGKILLed at scripted moments of a save, then resumed.
+
+Whatever the moment, the resumed run ends as the uninterrupted one (the 60-iteration run of the ``tool_runs``
+fixture): the same checkpoint files, the same final weights, and every metrics line exactly once.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.tools.cli import CONFIG, REPO, SHORT_RUN, read_metrics, run_tool
+from trainkit.checkpoint.serialization import load_checkpoint_file
+
+TIMINGS = ("time", "data_time", "eta_seconds")
+
+
+def _without_timings(metrics):
+    return [{k: v for k, v in m.items() if k not in TIMINGS} for m in metrics]
+
+
+@pytest.mark.parametrize(
+    "moment, file",
+    [
+        ("before_save", "model_final.pth"),
+        ("inside_save", "model_final.pth"),
+        ("after_save", "model_final.pth"),
+        ("after_tag", "model_final.pth"),
+        ("inside_save", "model_0000039.pth"),
+        ("after_tag", "model_0000039.pth"),
+    ],
+)
+def test_a_run_killed_at_a_save_resumes_to_the_uninterrupted_end(tmp_path, tool_runs, moment, file):
+    straight = tool_runs["train_net.py"].after_60
+    out = tmp_path / "run"
+    args = ["--config-file", CONFIG, *SHORT_RUN, "SOLVER.MAX_ITER", "60", "OUTPUT_DIR", str(out)]
+    killed = subprocess.run([sys.executable, "tests/tools/kill_at.py", moment, file, *args], cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    run_tool("train_net.py", "--resume", *args)
+    assert _without_timings(read_metrics(out)) == _without_timings(read_metrics(straight))
+    assert sorted(p.name for p in out.glob("*.pth")) == sorted(p.name for p in straight.glob("*.pth"))
+    assert (out / "last_checkpoint").read_text() == "model_final.pth"
+    ours, theirs = (load_checkpoint_file(str(d / "model_final.pth")) for d in (out, straight))
+    assert ours["iteration"] == theirs["iteration"] == 59
+    assert ours["model"].keys() == theirs["model"].keys()
+    assert all(torch.equal(ours["model"][k], theirs["model"][k]) for k in ours["model"])
