@@ -320,3 +320,37 @@ def test_sigkill_at_any_moment_of_a_save_leaves_a_valid_checkpoint_to_resume(tmp
             assert any(n.endswith(TEMP_SUFFIX) for n in os.listdir(save_dir)), point
         checkpointer.save("model_after", iteration=3)
         assert not any(n.endswith(TEMP_SUFFIX) for n in os.listdir(save_dir)), point
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 64 KiB file system (tmpfs), mounted for the test; skipped where mounting is not allowed."""
+    import subprocess
+
+    folder = tmp_path / "tiny_disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_full_disk_is_named_as_such_with_the_file_and_folder_and_the_last_checkpoint_survives(tiny_disk):
+    import errno
+
+    from trainkit.checkpoint import Checkpointer
+
+    small = Checkpointer(torch.nn.Linear(2, 2), str(tiny_disk))
+    small.save("model_0000009")
+    big = Checkpointer(torch.nn.Linear(256, 256), str(tiny_disk))  # 257 KiB of weights on a 64 KiB disk
+    with pytest.raises(OSError) as info:
+        big.save("model_0000019")
+    assert info.value.errno == errno.ENOSPC
+    assert str(info.value).startswith(
+        f"[Errno 28] No space left on the disk while writing {tiny_disk / 'model_0000019.pth'} (folder {tiny_disk}, "
+    )
+    assert "run again with --resume" in str(info.value)
+    assert sorted(p.name for p in tiny_disk.iterdir()) == ["last_checkpoint", "model_0000009.pth"]
+    assert small.get_checkpoint_file() == str(tiny_disk / "model_0000009.pth")
+    small.load(small.get_checkpoint_file())

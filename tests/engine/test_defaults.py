@@ -442,3 +442,33 @@ def test_resuming_from_a_weights_only_checkpoint_is_an_error_instead_of_a_fresh_
     trainer = DefaultTrainer(cfg)
     with pytest.raises(CheckpointError, match=r"Cannot resume from .*model_final.pth: it has no trainer state"):
         trainer.resume_or_load(resume=True)
+
+
+@pytest.mark.parametrize(
+    "key, value, shown",
+    [("MODEL.MLP.HIDDEN_DIMS", "[64]", "MODEL.MLP.HIDDEN_DIMS: [128, 128] in the checkpoint, [64] now"),
+     ("SOLVER.OPTIMIZER", "AdamW", "SOLVER.OPTIMIZER: 'SGD' in the checkpoint, 'AdamW' now")],
+)
+def test_resuming_with_another_architecture_or_optimizer_is_refused_naming_the_key(tmp_path, key, value, shown):
+    from trainkit.checkpoint import CheckpointError
+
+    train(digits_cfg(tmp_path, "SOLVER.MAX_ITER", 10))
+    trainer = DefaultTrainer(digits_cfg(tmp_path, "SOLVER.MAX_ITER", 20, key, value))
+    with pytest.raises(CheckpointError) as info:
+        trainer.resume_or_load(resume=True)
+    assert shown in str(info.value)
+    assert "the model's architecture and the optimizer's type must stay as they were" in str(info.value)
+
+
+def test_resuming_with_a_changed_config_logs_each_key_old_new_and_what_it_does(tmp_path, info_logs):
+    train(digits_cfg(tmp_path, "SOLVER.MAX_ITER", 10))
+    base_lr = digits_cfg(tmp_path).SOLVER.BASE_LR
+    trainer, _ = train(digits_cfg(tmp_path, "SOLVER.MAX_ITER", 20, "SOLVER.BASE_LR", 0.5), resume=True)
+    changed = [r.getMessage() for r in info_logs.records if r.getMessage().startswith("Resuming with a changed config")]
+    assert changed == [
+        f"Resuming with a changed config: SOLVER.BASE_LR: {base_lr!r} -> 0.5 (no effect: the LR scheduler's base LRs "
+        "are restored from the checkpoint)",
+        "Resuming with a changed config: SOLVER.MAX_ITER: 10 -> 20 (takes effect from the resumed iteration on (the "
+        "schedule's shape is the new config's; its base LRs and position are the checkpoint's))",
+    ]
+    assert trainer.scheduler.base_lrs == [base_lr] * len(trainer.optimizer.param_groups)  # as the message says

@@ -47,3 +47,41 @@ def test_a_run_killed_at_a_save_resumes_to_the_uninterrupted_end(tmp_path, tool_
     assert ours["iteration"] == theirs["iteration"] == 59
     assert ours["model"].keys() == theirs["model"].keys()
     assert all(torch.equal(ours["model"][k], theirs["model"][k]) for k in ours["model"])
+
+
+def test_thirty_sigkills_spread_over_a_run_end_as_the_uninterrupted_run(tmp_path):
+    # 2,000 iterations (about 5 s of training), checkpoints every 50 and lines every 10: each attempt trains for
+    # a random 0-0.5 s and is SIGKILLed wherever it is (a step, a write, a save, a tag), 30 times, then resumes.
+    import random
+    import signal
+    import time
+
+    args = ["--config-file", CONFIG, "SOLVER.MAX_ITER", "2000", "SOLVER.LOG_PERIOD", "10",
+            "SOLVER.CHECKPOINT_PERIOD", "50", "TEST.EVAL_PERIOD", "500", "SOLVER.WARMUP_ITERS", "10",
+            "DATALOADER.NUM_WORKERS", "0"]
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    run_tool("train_net.py", *args, "OUTPUT_DIR", str(straight))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    rng = random.Random(0)
+    kills, finished = 0, False
+    while kills < 30 and not finished:
+        log = tmp_path / f"attempt{kills}.log"
+        with open(log, "w") as f:
+            proc = subprocess.Popen([sys.executable, "tools/train_net.py", "--resume", *args, "OUTPUT_DIR", str(out)],
+                                    cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while "Starting training from iteration" not in log.read_text() and proc.poll() is None:
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.5))
+        proc.kill()
+        proc.wait()
+        assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+        kills += proc.returncode == -signal.SIGKILL
+        finished = proc.returncode == 0
+    assert kills >= 25, f"only {kills} kills landed before the run ended"
+    if not finished:
+        run_tool("train_net.py", "--resume", *args, "OUTPUT_DIR", str(out))
+    assert _without_timings(read_metrics(out)) == _without_timings(read_metrics(straight))
+    ours, theirs = (load_checkpoint_file(str(d / "model_final.pth")) for d in (out, straight))
+    assert all(torch.equal(ours["model"][k], theirs["model"][k]) for k in ours["model"])

@@ -140,3 +140,16 @@ def test_a_fresh_run_over_an_earlier_runs_checkpoints_is_refused_and_start_over_
     assert (kept / "model_final.pth").read_bytes() == first_final
     assert (kept / "metrics.json").read_text() == first_metrics
     assert [line["iteration"] for line in read_metrics(out)] == [9, 19]  # the new run's own lines, once each
+
+
+def test_a_resumed_run_keeps_the_earlier_config_yaml_and_saves_its_changed_config_beside_it(tmp_path):
+    from tests.tools.cli import SHORT_RUN
+
+    out = tmp_path / "run"
+    run_tool("train_net.py", "--config-file", CONFIG, *SHORT_RUN, "SOLVER.MAX_ITER", "20", "OUTPUT_DIR", str(out))
+    first = (out / "config.yaml").read_text()
+    resumed = run_tool("train_net.py", "--config-file", CONFIG, "--resume", *SHORT_RUN, "SOLVER.MAX_ITER", "30",
+                       "OUTPUT_DIR", str(out))
+    assert (out / "config.yaml").read_text() == first
+    assert "MAX_ITER: 20" in first and "MAX_ITER: 30" in (out / "config.resume_1.yaml").read_text()
+    assert "Resuming with a changed config: SOLVER.MAX_ITER: 20 -> 30" in resumed.stdout + resumed.stderr

@@ -17,7 +17,7 @@ import pickle
 import re
 import secrets
 import warnings
-from typing import Any, Callable, Dict, List, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 
@@ -91,14 +91,37 @@ def _atomic_write(path: str, write: Callable[[Any], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as e:
+        disk_full = _disk_full_error(e, path)  # measured before our temporary file frees its space
         # Also on KeyboardInterrupt: never leave our own half-written file behind when we can help it.
         try:
             os.remove(tmp_path)
         except FileNotFoundError:
             pass
+        if disk_full is not None:
+            raise disk_full from e
         raise
     _fsync_dir(os.path.dirname(tmp_path))
+
+
+def _disk_full_error(error: BaseException, path: str) -> Optional[OSError]:
+    # torch.save reports a full disk as "unexpected pos ..." (a RuntimeError of its zip writer); say what it is.
+    if not isinstance(error, Exception):
+        return None
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        stat = os.statvfs(folder)
+        free = stat.f_bavail * stat.f_frsize
+    except OSError:
+        return None
+    if getattr(error, "errno", None) != errno.ENOSPC and free >= 2**20:
+        return None
+    return OSError(
+        errno.ENOSPC,
+        f"No space left on the disk while writing {path} (folder {folder}, {free} bytes free). The file was not "
+        "written; the previous checkpoint and the last_checkpoint tag are untouched. Free some space (or move "
+        "OUTPUT_DIR to a disk with room) and run again with --resume.",
+    )
 
 
 def atomic_save(obj: Any, path: str) -> None:

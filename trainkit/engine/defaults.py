@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from trainkit.checkpoint import Checkpointer, CheckpointError
 from trainkit.config import CfgNode
+from trainkit.config.resume import check_resumed_config
 from trainkit.data import (
     MetadataCatalog,
     build_test_loader,
@@ -162,7 +163,7 @@ def default_setup(cfg: CfgNode, args: argparse.Namespace) -> None:
     if getattr(args, "config_file", ""):
         logger.info("Config file %s", args.config_file)
     if comm.is_main_process() and output_dir:
-        path = cfg.dump_to(output_dir)
+        path = cfg.dump_to(output_dir, _config_file_name(cfg, args))
         logger.info("Full config saved to %s", path)
     seed = seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + rank)
     logger.info("Seeded the RNGs of rank %d with %d", rank, seed)
@@ -205,6 +206,20 @@ def _check_output_dir_for_this_run(cfg: CfgNode, args: argparse.Namespace) -> No
         if name != LOCK_FILE and not name.startswith("earlier_run_"):
             os.replace(os.path.join(cfg.OUTPUT_DIR, name), os.path.join(keep, name))
     logger.warning("--start-over: moved what the earlier run left in %s to %s", cfg.OUTPUT_DIR, keep)
+
+
+def _config_file_name(cfg: CfgNode, args: argparse.Namespace) -> str:
+    # A resumed run keeps the config.yaml of the run it continues; a changed config goes next to it.
+    old = os.path.join(cfg.OUTPUT_DIR, "config.yaml")
+    if not getattr(args, "resume", False) or not os.path.exists(old):
+        return "config.yaml"
+    with open(old) as f:
+        if f.read() == cfg.dump():
+            return "config.yaml"
+    n = 1
+    while os.path.exists(os.path.join(cfg.OUTPUT_DIR, f"config.resume_{n}.yaml")):
+        n += 1
+    return f"config.resume_{n}.yaml"
 
 
 def default_writers(output_dir: str, max_iter: Optional[int] = None) -> List[EventWriter]:
@@ -410,9 +425,12 @@ class DefaultTrainer(TrainerBase):
         # Every rank's RNG state: the rest of the run consumes them (dropout, augmentation in the main process).
         ret["rng"] = comm.all_gather(get_rng_state())
         ret["data_seed"] = get_train_loader_seed(self.data_loader)
+        ret["config"] = self.cfg.dump()  # a resumed run compares its config with it
         return ret
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        if "config" in state_dict:  # before anything is restored: a refused change leaves this trainer as it was
+            check_resumed_config(state_dict["config"], self.cfg.dump(), self.checkpointer.get_checkpoint_file())
         super().load_state_dict(state_dict)
         self._trainer.load_state_dict(state_dict["_trainer"])
         self._restored_state = True
