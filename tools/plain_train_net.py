@@ -9,6 +9,7 @@ library provides the parts (config, data, model, solver, checkpointer, metric st
     python tools/plain_train_net.py --config-file configs/digits/mlp.yaml --eval-only MODEL.WEIGHTS model.pth
 """
 import logging
+from datetime import timedelta
 import math
 
 import torch
@@ -92,12 +93,19 @@ def do_train(cfg, model, resume=False):
     return results
 
 
-def setup(args):
+def load_config(args):
+    """The config: defaults, then the file, then the command-line overrides."""
     cfg = get_cfg()
     if args.config_file:
         cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
+    return cfg
+
+
+def setup(args):
+    """The config, then the usual setup (output folder, logs, seeds)."""
+    cfg = load_config(args)
     default_setup(cfg, args)
     return cfg
 
@@ -123,4 +131,5 @@ if __name__ == "__main__":
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
         args=(args,),
+        timeout=timedelta(seconds=load_config(args).DIST.TIMEOUT_S),  # how long the processes wait to meet
     )

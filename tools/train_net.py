@@ -9,6 +9,7 @@
 Trailing KEY VALUE pairs override the config, e.g. ``SOLVER.MAX_ITER 100 OUTPUT_DIR /tmp/run``.
 """
 import logging
+from datetime import timedelta
 
 from trainkit.checkpoint import Checkpointer
 from trainkit.config import get_cfg
@@ -18,13 +19,19 @@ from trainkit.utils import comm
 logger = logging.getLogger("trainkit.tools.train_net")
 
 
-def setup(args):
-    """The config: defaults, then the file, then the command-line overrides; then the usual setup."""
+def load_config(args):
+    """The config: defaults, then the file, then the command-line overrides."""
     cfg = get_cfg()
     if args.config_file:
         cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
+    return cfg
+
+
+def setup(args):
+    """The config, then the usual setup (output folder, logs, seeds)."""
+    cfg = load_config(args)
     default_setup(cfg, args)
     return cfg
 
@@ -52,4 +59,5 @@ if __name__ == "__main__":
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
         args=(args,),
+        timeout=timedelta(seconds=load_config(args).DIST.TIMEOUT_S),  # how long the processes wait to meet
     )

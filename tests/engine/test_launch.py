@@ -121,6 +121,10 @@ def test_worker_error_fails_fast_with_that_worker_traceback_and_leaves_no_proces
         ({"num_machines": 2, "dist_url": None}, "dist_url=None only works with one machine"),
         ({"num_machines": 2, "machine_rank": 2, "dist_url": "tcp://127.0.0.1:1"}, "machine_rank=2 is out of range"),
         ({"num_gpus_per_machine": 0}, "num_gpus_per_machine=0 must be at least 1"),
+        ({"dist_url": "file:///nonexistent/x"}, r"dist_url='file:///nonexistent/x': the folder '/nonexistent' does not "
+                                                r"exist, so the processes cannot meet there"),
+        ({"dist_url": "tcp://nonexistent.invalid:29500"}, r"dist_url='tcp://nonexistent.invalid:29500': the host "
+                                                          r"'nonexistent.invalid' cannot be resolved"),
     ],
 )
 def test_inconsistent_arguments_are_rejected_before_spawning(kwargs, match):

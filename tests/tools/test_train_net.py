@@ -153,3 +153,21 @@ def test_a_resumed_run_keeps_the_earlier_config_yaml_and_saves_its_changed_confi
     assert (out / "config.yaml").read_text() == first
     assert "MAX_ITER: 20" in first and "MAX_ITER: 30" in (out / "config.resume_1.yaml").read_text()
     assert "Resuming with a changed config: SOLVER.MAX_ITER: 20 -> 30" in resumed.stdout + resumed.stderr
+
+
+def test_processes_that_never_meet_fail_after_dist_timeout_s_naming_the_url(tmp_path):
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"tcp://127.0.0.1:{port}"
+    start = time.monotonic()
+    # Machine 0 of 2: machine 1 never comes.
+    proc = run_tool("train_net.py", "--config-file", CONFIG, "--num-machines", "2", "--machine-rank", "0",
+                    "--dist-url", url, "DIST.TIMEOUT_S", "5", "OUTPUT_DIR", str(tmp_path), expect_success=False)
+    assert proc.returncode != 0
+    assert f"Process 0 of 2 could not meet the others at {url} within 0:00:05" in proc.stderr
+    assert "The wait is DIST.TIMEOUT_S in the config." in proc.stderr
+    assert time.monotonic() - start < 120

@@ -221,6 +221,28 @@ def _unknown_key_error(root: _YacsCfgNode, full_key: str, source: str) -> Config
     return ConfigKeyError(f"Non-existent config key: {full_key} ({hint}), set in {source}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error: safe_load silently keeps the
+    second value, so a config that sets a key twice would train with one of them unnoticed."""
+
+
+def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> Dict[Any, Any]:
+    first_line: Dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in first_line:
+            raise yaml.constructor.ConstructorError(
+                "while reading a mapping", node.start_mark,
+                f"found the key {key!r} twice (first on line {first_line[key] + 1}); keep one of them",
+                key_node.start_mark,
+            )
+        first_line[key] = key_node.start_mark.line
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
 def _read_yaml_mapping(path: str, includer: Optional[str]) -> Dict[str, Any]:
     """Reads a YAML file whose top level is a mapping (an empty file is an empty mapping)."""
     where = f" (the {BASE_KEY} of {includer})" if includer else ""
@@ -232,7 +254,7 @@ def _read_yaml_mapping(path: str, includer: Optional[str]) -> Dict[str, Any]:
         raise type(err)(f"Cannot read config file {path}{where}: {err.strerror or err}") from err
     with f:
         try:
-            data = yaml.safe_load(f)  # reading from the file lets YAML's errors name it
+            data = yaml.load(f, Loader=_UniqueKeyLoader)  # reading from the file lets YAML's errors name it
         except yaml.YAMLError as err:
             raise ValueError(f"Malformed YAML in config file {path}{where}:\n{err}") from None
         except UnicodeDecodeError as err:

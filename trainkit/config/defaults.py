@@ -90,6 +90,10 @@ _C.SOLVER.LOG_PERIOD = 20
 _C.TEST = _YacsNode()
 _C.TEST.EVAL_PERIOD = 0
 
+# Distributed training: how long the processes wait to meet (and for each collective) before a clear error.
+_C.DIST = _YacsNode()
+_C.DIST.TIMEOUT_S = 600
+
 _C.OUTPUT_DIR = "./output"
 _C.SEED = -1
 _C.CUDNN_BENCHMARK = False

@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from trainkit.checkpoint import Checkpointer, CheckpointError
 from trainkit.config import CfgNode
+from trainkit.config.checks import check_config_values
 from trainkit.config.resume import check_resumed_config
 from trainkit.data import (
     MetadataCatalog,
@@ -148,6 +149,7 @@ def default_setup(cfg: CfgNode, args: argparse.Namespace) -> None:
 
     Seeds every RNG with ``cfg.SEED + rank`` (a fresh random seed when ``SEED`` is negative; it is logged).
     """
+    check_config_values(cfg)
     output_dir = cfg.OUTPUT_DIR
     rank = comm.get_rank()
     if comm.is_main_process() and output_dir:
@@ -297,6 +299,7 @@ class DefaultTrainer(TrainerBase):
         trainkit_logger = logging.getLogger("trainkit")
         if not trainkit_logger.isEnabledFor(logging.INFO) or not trainkit_logger.handlers:
             setup_logger()
+        check_config_values(cfg)
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         self.cfg = cfg
 

@@ -62,7 +62,8 @@ def launch(
             machine 0). ``"auto"`` picks a free port on localhost and is valid only with one machine; ``None``
             means ``"auto"`` with one machine and is an error with several.
         args: positional arguments for ``main_func``.
-        timeout: timeout of the process group's collectives.
+        timeout: how long the processes wait to meet (and the timeout of the process group's collectives);
+            ``tools/train_net.py`` passes ``DIST.TIMEOUT_S`` of the config.
 
     Under ``torchrun`` (its RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT are
     set), nothing is spawned: this process joins the group through ``env://`` and runs ``main_func`` itself.
@@ -114,9 +115,25 @@ def _resolve_dist_url(dist_url: Optional[str], num_machines: int) -> str:
                 "pass the address of machine 0 on every machine, e.g. dist_url='tcp://10.0.0.1:29500'."
             )
         return f"tcp://127.0.0.1:{_find_free_port()}"
-    if dist_url.startswith("file://") and num_machines > 1:
-        logger.warning("dist_url %s on %d machines requires a file system that all of them share.", dist_url,
-                       num_machines)
+    if dist_url.startswith("file://"):
+        folder = os.path.dirname(dist_url[len("file://"):])
+        if not os.path.isdir(folder):
+            raise ValueError(
+                f"dist_url={dist_url!r}: the folder {folder!r} does not exist, so the processes cannot meet there. "
+                "Give a file:// path in an existing folder (shared by every machine), or a tcp://HOST:PORT address."
+            )
+        if num_machines > 1:
+            logger.warning("dist_url %s on %d machines requires a file system that all of them share.", dist_url,
+                           num_machines)
+    elif dist_url.startswith("tcp://"):
+        host = dist_url[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+        try:
+            socket.getaddrinfo(host, None)
+        except socket.gaierror as e:
+            raise ValueError(
+                f"dist_url={dist_url!r}: the host {host!r} cannot be resolved ({e.strerror}). Give the address of "
+                "machine 0 that every machine can reach, e.g. tcp://10.0.0.1:29500."
+            ) from None
     return dist_url
 
 
@@ -238,9 +255,13 @@ def _run_in_process_group(
     try:
         dist.init_process_group(backend=backend, init_method=init_method, world_size=world_size, rank=rank,
                                 timeout=timeout)
-    except Exception:
-        logger.error("Process group URL: %s", init_method)
-        raise
+    except Exception as e:
+        raise RuntimeError(
+            f"Process {rank} of {world_size} could not meet the others at {init_method} within {timeout} "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Check that every machine runs with "
+            "the same --dist-url and --num-machines, that machine 0's address and port are reachable from every "
+            "machine, and that each --machine-rank is given once. The wait is DIST.TIMEOUT_S in the config."
+        ) from e
     try:
         _create_local_process_group(machine_id)
         comm.synchronize()
