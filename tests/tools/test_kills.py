@@ -20,6 +20,15 @@ def _without_timings(metrics):
     return [{k: v for k, v in m.items() if k not in TIMINGS} for m in metrics]
 
 
+def _tensorboard(folder, tag):
+    # Every event file of the folder, as TensorBoard reads it (the steps a resumed run purged are dropped).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
 @pytest.mark.parametrize(
     "moment, file",
     [
@@ -41,6 +50,8 @@ def test_a_run_killed_at_a_save_resumes_to_the_uninterrupted_end(tmp_path, tool_
     assert killed.returncode == -9, killed.stderr[-3000:]
     run_tool("train_net.py", "--resume", *args)
     assert _without_timings(read_metrics(out)) == _without_timings(read_metrics(straight))
+    for tag in ("total_loss", "lr", "classification/top1"):  # TensorBoard alike: each point once
+        assert _tensorboard(out, tag) == _tensorboard(straight, tag), tag
     assert sorted(p.name for p in out.glob("*.pth")) == sorted(p.name for p in straight.glob("*.pth"))
     assert (out / "last_checkpoint").read_text() == "model_final.pth"
     ours, theirs = (load_checkpoint_file(str(d / "model_final.pth")) for d in (out, straight))
