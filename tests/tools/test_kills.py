@@ -61,13 +61,14 @@ def test_a_run_killed_at_a_save_resumes_to_the_uninterrupted_end(tmp_path, tool_
 
 
 def test_thirty_sigkills_spread_over_a_run_end_as_the_uninterrupted_run(tmp_path):
-    # 2,000 iterations (about 5 s of training), checkpoints every 50 and lines every 10: each attempt trains for
-    # a random 0-0.5 s and is SIGKILLed wherever it is (a step, a write, a save, a tag), 30 times, then resumes.
+    # 4,000 iterations (about 10 s of training; 30 attempts train about 2,500 of them), checkpoints every 50 and lines every 10: each attempt trains for
+    # a random 0-0.5 s and is SIGKILLed wherever it is (a step, a write, a save, a tag), 30 times; then one more
+    # kill inside the final save; then the run resumes to its end.
     import random
     import signal
     import time
 
-    args = ["--config-file", CONFIG, "SOLVER.MAX_ITER", "2000", "SOLVER.LOG_PERIOD", "10",
+    args = ["--config-file", CONFIG, "SOLVER.MAX_ITER", "4000", "SOLVER.LOG_PERIOD", "10",
             "SOLVER.CHECKPOINT_PERIOD", "50", "TEST.EVAL_PERIOD", "500", "SOLVER.WARMUP_ITERS", "10",
             "DATALOADER.NUM_WORKERS", "0"]
     straight, out = tmp_path / "straight", tmp_path / "run"
@@ -75,8 +76,10 @@ def test_thirty_sigkills_spread_over_a_run_end_as_the_uninterrupted_run(tmp_path
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     rng = random.Random(0)
     kills, finished = 0, False
-    while kills < 30 and not finished:
-        log = tmp_path / f"attempt{kills}.log"
+    for attempt in range(60):
+        if kills == 30 or finished:
+            break
+        log = tmp_path / f"attempt{attempt}.log"
         with open(log, "w") as f:
             proc = subprocess.Popen([sys.executable, "tools/train_net.py", "--resume", *args, "OUTPUT_DIR", str(out)],
                                     cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -90,9 +93,13 @@ def test_thirty_sigkills_spread_over_a_run_end_as_the_uninterrupted_run(tmp_path
         assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
         kills += proc.returncode == -signal.SIGKILL
         finished = proc.returncode == 0
-    assert kills >= 25, f"only {kills} kills landed before the run ended"
-    if not finished:
-        run_tool("train_net.py", "--resume", *args, "OUTPUT_DIR", str(out))
+    assert kills == 30 and not finished, f"only {kills} kills landed before the run ended"
+    # The last kill lands inside the final save; then the run resumes to its end.
+    final = subprocess.run([sys.executable, "tests/tools/kill_at.py", "inside_save", "model_final.pth", "--resume", *args,
+                            "OUTPUT_DIR", str(out)], cwd=REPO, env=env, capture_output=True, timeout=300)
+    assert final.returncode == -signal.SIGKILL, final.stderr[-3000:]
+    assert not (out / "model_final.pth").exists()
+    run_tool("train_net.py", "--resume", *args, "OUTPUT_DIR", str(out))
     assert _without_timings(read_metrics(out)) == _without_timings(read_metrics(straight))
     ours, theirs = (load_checkpoint_file(str(d / "model_final.pth")) for d in (out, straight))
     assert all(torch.equal(ours["model"][k], theirs["model"][k]) for k in ours["model"])
