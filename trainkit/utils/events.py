@@ -426,6 +426,8 @@ class EventStorage:
 class EventWriter:
     """Base class of the writers: ``write()`` reads the current storage and writes; ``close()`` releases."""
 
+    _continue_after: Optional[int] = None
+
     def write(self) -> None:
         raise NotImplementedError
 
@@ -433,7 +435,13 @@ class EventWriter:
         """Called before the first write of a resumed run: this writer's output holds what it wrote up to
         ``iteration`` (its last write before the checkpoint); it must drop what it wrote later and write the
         values put after ``iteration`` again. :class:`~trainkit.engine.hooks.PeriodicWriter` calls it. Without
-        a call, a resumed run writes from ``storage.start_iter`` on. The default does nothing."""
+        a call, a resumed run writes from ``storage.start_iter`` on. Writers that keep no output of their own
+        (the console) can ignore it; the others read :meth:`_kept_through` when they open their output."""
+        self._continue_after = iteration
+
+    def _kept_through(self, start_iter: int) -> int:
+        """The last iteration whose output a run starting at ``start_iter`` keeps (see :meth:`continue_after`)."""
+        return start_iter - 1 if self._continue_after is None else self._continue_after
 
     def close(self) -> None:
         pass
@@ -477,13 +485,9 @@ class JSONWriter(EventWriter):
         self._file_handle: Optional[Any] = None
         self._window_size = window_size
         self._last_write = -1
-        self._continue_after: Optional[int] = None
-
-    def continue_after(self, iteration: int) -> None:
-        self._continue_after = iteration
 
     def _open(self, start_iter: int) -> None:
-        kept = start_iter - 1 if self._continue_after is None else self._continue_after
+        kept = self._kept_through(start_iter)
         if os.path.exists(self._path) and os.path.getsize(self._path) > 0:
             if start_iter > 0:
                 self._drop_lines_from(kept + 1)
@@ -496,7 +500,7 @@ class JSONWriter(EventWriter):
                                self._path, f"{self._path}.{n}")
         self._file_handle = open(self._path, "a")
         # The file now ends at `kept`: write what was put after it (a reused writer writes from there again).
-        self._last_write = kept if start_iter > 0 else min(self._last_write, start_iter - 1)
+        self._last_write = kept
         self._continue_after = None
 
     def _drop_lines_from(self, start_iter: int) -> None:
@@ -554,10 +558,6 @@ class TensorboardXWriter(EventWriter):
         self._window_size = window_size
         self._writer: Optional[Any] = None
         self._last_write = -1
-        self._continue_after: Optional[int] = None
-
-    def continue_after(self, iteration: int) -> None:
-        self._continue_after = iteration
 
     def _open(self, start_iter: int) -> None:
         from torch.utils.tensorboard import SummaryWriter  # slow import: only when used
@@ -566,7 +566,7 @@ class TensorboardXWriter(EventWriter):
         # before its checkpoint, and writes them again.
         kwargs = dict(self._kwargs)
         if start_iter > 0:
-            kept = start_iter - 1 if self._continue_after is None else self._continue_after
+            kept = self._kept_through(start_iter)
             kwargs.setdefault("purge_step", kept + 1)
             self._last_write = kept
         self._writer = SummaryWriter(self._log_dir, **kwargs)
