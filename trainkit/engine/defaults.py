@@ -180,13 +180,14 @@ def _check_output_dir_for_this_run(cfg: CfgNode, args: argparse.Namespace) -> No
     if not hasattr(args, "resume"):
         return
     tag = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")
-    resume, eval_only = getattr(args, "resume", False), getattr(args, "eval_only", False)
+    resume, eval_only = args.resume, getattr(args, "eval_only", False)
     if eval_only:
-        if not cfg.MODEL.WEIGHTS and not (resume and os.path.exists(tag)) and not getattr(args, "random_weights", False):
+        has_weights = bool(cfg.MODEL.WEIGHTS) or (resume and os.path.exists(tag))
+        if not has_weights and not getattr(args, "random_weights", False):
             raise ValueError(
-                "--eval-only needs weights to evaluate: give MODEL.WEIGHTS path/to/model.pth (at the end of the command), "
-                f"or --resume to evaluate the last checkpoint in OUTPUT_DIR={cfg.OUTPUT_DIR!r}, or --random-weights "
-                "to evaluate the untrained model on purpose."
+                "--eval-only needs weights to evaluate: give MODEL.WEIGHTS path/to/model.pth (at the end of the "
+                f"command), or --resume to evaluate the last checkpoint in OUTPUT_DIR={cfg.OUTPUT_DIR!r}, or "
+                "--random-weights to evaluate the untrained model on purpose."
             )
         return
     if resume or not os.path.exists(tag):
@@ -278,8 +279,8 @@ class DefaultTrainer(TrainerBase):
     (``SOLVER.CHECKPOINT_PERIOD``), PreemptionHandler (SIGTERM/SIGINT: finish the step, save, stop). The last
     three stay last when more hooks are registered, so the writers write everything the iteration put, and a
     checkpoint taken at an evaluation iteration holds the state of the hooks that reacted to that evaluation
-    (best checkpoint, early stopping) and comes after that iteration's metrics lines. (detectron2 checkpoints before evaluating; a resumed run then forgets
-    the evaluation made at the checkpoint's iteration.)
+    (best checkpoint, early stopping) and comes after that iteration's metrics lines. (detectron2 checkpoints
+    before evaluating; a resumed run then forgets the evaluation made at the checkpoint's iteration.)
 
     Checkpoints hold the model, the optimizer, the LR scheduler, the grad scaler, the iteration, every hook's
     state, the training data seed and the RNG states of every process: a resumed run continues exactly.

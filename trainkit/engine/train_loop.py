@@ -210,8 +210,9 @@ class TrainerBase:
         iteration = state_dict.get("iteration")
         if type(iteration) is not int or not 0 <= iteration < 2**53:
             raise ValueError(
-                f"the trainer state's 'iteration' must be a whole number in [0, 2**53) (the last finished iteration), got "
-                f"{iteration!r}; this checkpoint cannot be resumed from. Resume from another checkpoint in the folder."
+                "the trainer state's 'iteration' must be a whole number in [0, 2**53) (the last finished iteration), "
+                f"got {iteration!r}; this checkpoint cannot be resumed from. Resume from another checkpoint in the "
+                "folder."
             )
         self.iter = iteration
         self._storage_state = state_dict.get("storage")
