@@ -87,10 +87,10 @@ class AfterTrainLog(HookBase):
         self.log.append(self.trainer.iter)
 
 
-def test_a_nan_found_at_the_final_gather_of_a_stopped_run_still_runs_every_after_train(tmp_path):
-    # The loss is NaN at iteration 1; the run stops after iteration 2, before any gather (period 20), so
-    # the NaN is first seen by the final flush of after_train. The hooks' after_train must still run (the
-    # writer writes iteration 0 and closes its file), then the FloatingPointError propagates.
+def test_a_nan_loss_stops_in_its_own_iteration_and_every_after_train_still_runs(tmp_path):
+    # The loss is NaN at iteration 1. With period 20 no gather is due, but a CPU loss is checked in its own
+    # iteration: training stops there, the hooks' after_train runs (the writer writes iteration 0 and closes
+    # its file), then the FloatingPointError propagates.
     calls = iter(range(100))
     trainer = scale_trainer(
         lambda y: {"loss": y * float("nan") if next(calls) == 1 else y}, gather_metric_period=20
@@ -100,14 +100,14 @@ def test_a_nan_found_at_the_final_gather_of_a_stopped_run_still_runs_every_after
     trainer.register_hooks([StopAt(2), AfterTrainLog(log), hooks.PeriodicWriter([writer], period=20)])
     with pytest.raises(FloatingPointError, match=r"iteration=1!"):
         trainer.train(0, 10)
-    assert log == [3]
+    assert log == [1]
     assert writer._file_handle is None  # closed
     lines = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
     assert [line["iteration"] for line in lines] == [0]
     assert lines[0]["loss"] == 1.0
 
 
-def test_default_trainer_a_nan_found_at_the_final_gather_of_a_stopped_run_still_closes_and_restores(tmp_path):
+def test_default_trainer_a_nan_loss_stops_in_its_own_iteration_and_still_closes_and_restores(tmp_path):
     # The same through DefaultTrainer: BASE_LR 1e30 makes the loss of iteration 1 NaN (docs/reliability.md).
     cfg = get_cfg()
     cfg.merge_from_file(str(Path(__file__).resolve().parents[2] / CONFIG))
@@ -123,11 +123,11 @@ def test_default_trainer_a_nan_found_at_the_final_gather_of_a_stopped_run_still_
     trainer.register_hooks([StopAt(2), AfterTrainLog(log)])
     with pytest.raises(FloatingPointError, match=r"iteration=1!"):
         trainer.train()
-    assert log == [3]
+    assert log == [1]
     assert signal.getsignal(signal.SIGTERM) is handler_before  # PreemptionHandler.after_train ran
     lines = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
-    # The losses of iteration 0 (the last good one) reach metrics.json, and the latest lr (iteration 2).
-    assert [(line["iteration"], "loss_cls" in line, "lr" in line) for line in lines] == [(0, True, False), (2, False, True)]
+    # The losses and lr of iteration 0 (the last good one) reach metrics.json; iteration 1 ended in its step.
+    assert [(line["iteration"], "loss_cls" in line, "lr" in line) for line in lines] == [(0, True, True)]
 
 
 class Sleeper(HookBase):

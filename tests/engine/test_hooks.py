@@ -65,15 +65,25 @@ class SlowBeforeStep(HookBase):
         time.sleep(0.005)
 
 
-@pytest.mark.parametrize("start_iter, expected", [(0, [3, 4, 5, 6, 7, 8, 9]), (10, [13, 14, 15])])
-def test_iteration_timer_times_the_iterations_after_warmup(start_iter, expected):
+# detectron2 times from the warmup_iter-th iteration of the run on: warmup_iter=3 leaves out the first two.
+@pytest.mark.parametrize("start_iter, expected", [(0, [2, 3, 4, 5, 6, 7, 8, 9]), (10, [12, 13, 14, 15])])
+def test_iteration_timer_times_from_the_warmup_iter_th_iteration(start_iter, expected):
     seen = {}
     trainer = make_trainer()
     trainer.register_hooks([hooks.IterationTimer(warmup_iter=3), SlowBeforeStep(), _keep_histories(seen)])
-    trainer.train(start_iter, start_iter + len(expected) + 3)
+    trainer.train(start_iter, start_iter + len(expected) + 2)
     assert _iters(seen["time"]) == expected
     # Each time covers the later hooks' before_step (5 ms), and is not a whole run's worth.
     assert all(0.005 <= v < 1.0 for v, _ in seen["time"].values())
+
+
+@pytest.mark.parametrize("warmup_iter, count", [(3, 48), (1, 50), (0, 50), (10, 41)])
+def test_iteration_timer_puts_as_many_times_as_detectron2_over_50_iterations(warmup_iter, count):
+    seen = {}
+    trainer = make_trainer()
+    trainer.register_hooks([hooks.IterationTimer(warmup_iter=warmup_iter), _keep_histories(seen)])
+    trainer.train(0, 50)
+    assert seen["time"].global_count() == count
 
 
 def test_iteration_timer_logs_speed_and_total_time(trainkit_info_logs):
@@ -82,7 +92,7 @@ def test_iteration_timer_logs_speed_and_total_time(trainkit_info_logs):
     trainer.register_hooks([hooks.IterationTimer(warmup_iter=2), SlowBeforeStep()])
     trainer.train(0, 12)
     speed, total = [r.getMessage() for r in caplog.records if r.name == "trainkit.engine.hooks"]
-    m = re.fullmatch(r"Overall training speed: 10 iterations in 0:00:00 \((\d\.\d{4}) s / it\)", speed)
+    m = re.fullmatch(r"Overall training speed: 11 iterations in 0:00:00 \((\d\.\d{4}) s / it\)", speed)
     assert m and 0.005 <= float(m[1]) < 0.5, speed
     assert total == "Total training time: 0:00:00 (12 iterations)"
 

@@ -290,6 +290,20 @@ def test_nan_loss_names_the_iteration_and_keeps_earlier_checkpoints(mlp_cfg, tmp
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: CPU losses are checked every step")
+def test_on_a_gpu_a_nan_loss_is_found_at_the_next_flush_and_no_checkpoint_holds_it(mlp_cfg, tmp_path):
+    # LOG_PERIOD 20: the NaN of iteration 8 waits on the device; the checkpoint due after iteration 9 flushes
+    # first, finds it, and is not written.
+    mlp_cfg.MODEL.META_ARCHITECTURE = "NaNAfter7Classifier"
+    mlp_cfg.MODEL.DEVICE = "cuda"
+    mlp_cfg.SOLVER.CHECKPOINT_PERIOD = 5
+    with pytest.raises(FloatingPointError, match=r"iteration=8!"):
+        train(mlp_cfg)
+    out = tmp_path / "out"
+    assert (out / "last_checkpoint").read_text() == "model_0000004.pth"
+    assert sorted(p.name for p in out.glob("*.pth")) == ["model_0000004.pth"]
+
+
 class RaiseAt(HookBase):
     def after_step(self):
         if self.trainer.iter == 14:

@@ -277,6 +277,43 @@ def test_latest_with_smoothing_hint_gives_medians_of_hinted_and_latest_of_the_ot
         assert storage.smoothing_hints() == {"loss": True, "lr": False}
 
 
+def _every_other_iteration(storage):
+    # "loss" is put at iterations 0, 2, ..., 38 with value = iteration; "every" at each iteration 0..39.
+    for it in range(40):
+        storage.iter = it
+        if it % 2 == 0:
+            storage.put_scalar("loss", float(it))
+        storage.put_scalar("every", float(it))
+
+
+def test_smoothing_takes_the_values_put_in_the_last_window_size_iterations_not_the_last_values():
+    with EventStorage() as storage:
+        _every_other_iteration(storage)
+        # detectron2: the last 20 iterations of "loss" are 19..38, which hold its puts at 20, 22, ..., 38.
+        assert storage.count_samples("loss", 20) == 10
+        assert storage.count_samples("every", 20) == 20
+        assert storage.count_samples("loss", 3) == 2  # iterations 36..38: the puts at 36 and 38
+        smoothed = storage.latest_with_smoothing_hint(20)
+        assert smoothed["loss"] == (29.0, 38)  # median of 20, 22, ..., 38 (the last 20 values would give 19.0)
+        assert smoothed["every"] == (29.5, 39)  # median of 20..39
+        with pytest.raises(KeyError, match="No history metric available for 'nothing'"):
+            storage.count_samples("nothing")
+
+
+def test_writers_smooth_a_metric_put_every_other_iteration_over_window_size_iterations(tmp_path):
+    with EventStorage() as storage:
+        _every_other_iteration(storage)
+        json_writer = JSONWriter(str(tmp_path / "metrics.json"), window_size=20)
+        tb_writer = TensorboardXWriter(str(tmp_path / "tb"), window_size=20)
+        json_writer.write()
+        tb_writer.write()
+        json_writer.close()
+        tb_writer.close()
+    lines = _read_json_lines(tmp_path / "metrics.json")
+    assert [line for line in lines if "loss" in line] == [{"iteration": 38, "loss": 29.0}]
+    assert [(e.step, e.value) for e in _load_tensorboard(tmp_path / "tb").Scalars("loss")] == [(38, 29.0)]
+
+
 def test_a_name_must_keep_its_smoothing_hint():
     with EventStorage() as storage:
         storage.put_scalar("lr", 0.1, smoothing_hint=False)
@@ -514,6 +551,42 @@ def test_tensorboard_writer_writes_scalars_at_their_iterations(tmp_path):
     assert [(e.step, e.value) for e in acc.Scalars("lr")] == [(2, pytest.approx(0.5 / 3)), (5, pytest.approx(0.5 / 6))]
 
 
+def test_tensorboard_writer_creates_no_file_until_something_is_written(tmp_path):
+    log_dir = tmp_path / "tb"
+    with EventStorage():
+        writer = TensorboardXWriter(str(log_dir))
+        writer.write()  # nothing put yet
+        assert not log_dir.exists()
+        writer.close()
+    assert not log_dir.exists()
+
+
+def test_tensorboard_writer_underlying_writer_is_created_lazily_and_can_be_written_to(tmp_path):
+    log_dir = tmp_path / "tb"
+    writer = TensorboardXWriter(str(log_dir), window_size=1)
+    assert not log_dir.exists()
+    writer._writer.add_scalar("custom", 7.0, 3)  # detectron2 users write to the SummaryWriter directly
+    assert len(list(log_dir.iterdir())) == 1
+    with EventStorage(start_iter=0) as storage:
+        storage.put_scalar("loss", 2.0, cur_iter=4)
+        writer.write()  # the same SummaryWriter, the same file
+    writer.close()
+    acc = _load_tensorboard(log_dir)
+    assert [(e.step, e.value) for e in acc.Scalars("custom")] == [(3, 7.0)]
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(4, 2.0)]
+    assert len(list(log_dir.iterdir())) == 1
+
+
+def test_tensorboard_writer_images_and_histograms_are_read_through_the_public_api(tmp_path):
+    with EventStorage() as storage:
+        storage.put_image("img", torch.zeros(3, 2, 2))
+        storage.put_histogram("weights", torch.arange(4.0), bins=2)
+        assert [name for name, _, _ in storage.images()] == ["img"]
+        assert [h["tag"] for h in storage.histograms()] == ["weights"]
+        TensorboardXWriter(str(tmp_path)).write()
+        assert storage.images() == [] and storage.histograms() == []
+
+
 def test_tensorboard_writer_writes_images_and_histograms_once(tmp_path):
     image = (torch.arange(24, dtype=torch.uint8) * 10).reshape(3, 2, 4)
     with EventStorage(start_iter=8) as storage:
@@ -628,3 +701,44 @@ def test_common_metric_printer_without_time_estimates_eta_from_wall_time(trainki
     seconds = datetime.timedelta(hours=int(eta[1]), minutes=int(eta[2]), seconds=int(eta[3])).total_seconds()
     # 0.2 s or more for 10 iterations, 9990 iterations to go
     assert 199 <= seconds < 400
+
+
+def test_common_metric_printer_max_iter_is_optional_and_then_prints_no_eta(trainkit_info_logs):
+    caplog = trainkit_info_logs
+    with EventStorage() as storage:
+        for it in range(5):
+            storage.iter = it
+            storage.put_scalars(loss=1.0, time=0.5)
+        printer = CommonMetricPrinter()
+        assert printer.logger is logging.getLogger("trainkit.utils.events")
+        printer.write()
+    [line] = _printed(caplog)
+    assert line.split() == "iter: 4 loss: 1 time: 0.5000".split()
+
+
+def test_common_metric_printer_logs_through_its_logger_attribute(caplog):
+    other = logging.getLogger("my_project.metrics")
+    caplog.set_level(logging.INFO, logger="my_project.metrics")
+    with EventStorage() as storage:
+        storage.put_scalar("loss", 3.0)
+        printer = CommonMetricPrinter(max_iter=None)
+        printer.logger = other
+        printer.write()
+    assert [r.getMessage().split() for r in caplog.records if r.name == "my_project.metrics"] == [
+        "iter: 0 loss: 3".split()
+    ]
+
+
+def test_common_metric_printer_smooths_over_window_size_iterations(trainkit_info_logs):
+    caplog = trainkit_info_logs
+    with EventStorage() as storage:
+        for it in range(40):
+            storage.iter = it
+            if it % 2 == 0:
+                storage.put_scalars(loss=float(it), data_time=float(it))
+            storage.put_scalar("time", float(it))
+        storage.iter = 39
+        CommonMetricPrinter(window_size=20).write()
+    [line] = _printed(caplog)
+    # loss: median of its puts at 20..38 (29); data_time: their mean (29); time: the mean of 20..39 (29.5).
+    assert line.split() == "iter: 39 loss: 29 time: 29.5000 data_time: 29.0000".split()

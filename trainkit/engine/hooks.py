@@ -95,14 +95,15 @@ def _format_seconds(seconds: float) -> str:
 class IterationTimer(HookBase):
     """Puts the wall time of each iteration into the storage as ``time`` and logs the totals at the end.
 
-    The first ``warmup_iter`` iterations are not timed (they include one-off costs such as allocator warm-up
-    and data-loader start-up). The time runs from its own ``before_step`` to its own ``after_step``: register it
+    Timing starts at the ``warmup_iter``-th iteration of the run, as in detectron2: the first
+    ``warmup_iter - 1`` iterations, which include one-off costs such as allocator warm-up and data-loader
+    start-up, put no ``time`` (50 iterations with ``warmup_iter=3`` put 48 values). The time runs from its own ``before_step`` to its own ``after_step``: register it
     first so that it covers the step and the other hooks' ``before_step`` and ``after_backward``. The other
     hooks' ``after_step`` (evaluation, checkpoints, writing) runs after its own and is not in ``time``; the
     "Overall training speed" logged at the end covers it.
 
     Args:
-        warmup_iter: iterations to leave out of the timing.
+        warmup_iter: the first timed iteration of the run, counting from 1 (0 and 1 time every iteration).
     """
 
     def __init__(self, warmup_iter: int = 3) -> None:
@@ -112,13 +113,13 @@ class IterationTimer(HookBase):
         self._train_start = 0.0
         self._timed_start: Optional[float] = None  # wall time when the first timed iteration began
         self._timed_iters = 0
-        self._warmup_left = warmup_iter
+        self._warmup_left = 0  # set by before_train
 
     def before_train(self) -> None:
         self._train_start = time.perf_counter()
         self._timed_start = None
         self._timed_iters = 0
-        self._warmup_left = self._warmup_iter
+        self._warmup_left = max(self._warmup_iter - 1, 0)
         self._storage = self.trainer.storage  # this run's; read here once, not through the proxy every step
 
     def after_train(self) -> None:

@@ -7,6 +7,7 @@ iteration does; its losses wait in a :class:`~trainkit.engine.loss_log.LossLog` 
 place where they leave the device.
 """
 import logging
+import math
 import operator
 import weakref
 from functools import reduce
@@ -247,9 +248,14 @@ class SimpleTrainer(TrainerBase):
     Metrics without host syncs: the losses wait on their device in :attr:`loss_log`. Every
     ``gather_metric_period`` iterations and at the last iteration the step flushes them: one collective to
     average them across processes, one transfer to the host, then every iteration's values go into the
-    storage. A non-finite total loss raises ``FloatingPointError`` naming the first bad iteration, at the
-    latest at that flush (before the optimizer step of the flushing iteration). ``gather_metric_period=1``
-    checks and writes every step, like detectron2.
+    storage.
+
+    A non-finite total loss raises ``FloatingPointError`` naming its iteration. Losses on the CPU are checked
+    in the iteration itself, before its optimizer step, as in detectron2: reading them costs no device sync.
+    Losses on a GPU are checked at the flush, so that the step never waits for the device: the weights may
+    then take up to ``gather_metric_period - 1`` optimizer steps on NaN before the error, but no checkpoint
+    holds them, because every hook that saves a checkpoint flushes first. ``gather_metric_period=1``
+    (``SOLVER.LOG_PERIOD 1``) checks every step on a GPU too, at the cost of one host sync per step.
 
     Args:
         model: returns a dict of scalar loss tensors (or one tensor) from ``model(batch)`` in training mode.
@@ -303,6 +309,11 @@ class SimpleTrainer(TrainerBase):
         self.after_backward()
 
         self.loss_log.record(self.iter, loss_dict, losses, data_time)
+        if losses.device.type == "cpu" and not math.isfinite(losses.detach()):
+            # Reading a CPU loss costs no device sync: stop in this iteration, before the optimizer step, as
+            # detectron2 does. The flush puts the iterations before it and raises FloatingPointError. It stays on
+            # this process: the others may not be at a flush now.
+            self.loss_log.flush(reduce=False)
         flush = period_fires(self.gather_metric_period, self.iter, self.max_iter)
         if flush and not self.async_write_metrics:
             self.loss_log.flush()  # before the optimizer step: a NaN loss leaves the weights untouched

@@ -88,6 +88,19 @@ class HistoryBuffer:
         """The newest ``(value, iteration)`` pair."""
         return self._values[-1], self._iterations[-1]
 
+    def count_in_last_iters(self, window_size: int) -> int:
+        """How many of the kept values were put in the last ``window_size`` iterations, counting back from the
+        newest value's iteration."""
+        if not self._iterations:
+            return 0
+        since = self._iterations[-1] - window_size
+        count = 0
+        for itr in reversed(self._iterations):
+            if itr <= since:
+                break
+            count += 1
+        return count
+
     def _window(self, window_size: int) -> List[float]:
         return list(islice(reversed(self._values), window_size))
 
@@ -342,13 +355,26 @@ class EventStorage:
         latest = self.latest_value(name)
         return latest is not None and latest[1] > iteration
 
+    def count_samples(self, name: str, window_size: int = 20) -> int:
+        """How many values of ``name`` were put in the last ``window_size`` iterations: those put at an iteration
+        later than ``latest iteration of name - window_size``. A metric put every other iteration counts half of
+        ``window_size``.
+
+        Raises:
+            KeyError: when nothing was put under ``name``.
+        """
+        return self.history(name).count_in_last_iters(window_size)
+
     def latest_with_smoothing_hint(self, window_size: int = 20) -> Dict[str, Tuple[float, int]]:
-        """Like :meth:`latest`, but a metric with a smoothing hint gives its median over ``window_size``."""
+        """Like :meth:`latest`, but a metric with a smoothing hint gives the median of the values put in its last
+        ``window_size`` iterations (:meth:`count_samples`), not of its last ``window_size`` values: a metric put
+        every 5 iterations is smoothed over 20 iterations too, as in detectron2. The writers use it."""
         self._materialize()
         result = {}
         for name, (v, itr) in self._latest_scalars.items():
             if self._smoothing_hints[name]:
-                v = self._history[name].median(window_size)
+                buf = self._history[name]
+                v = buf.median(buf.count_in_last_iters(window_size))
             result[name] = (v, itr)
         return result
 
@@ -405,6 +431,15 @@ class EventStorage:
             yield
         finally:
             self._current_prefix = old_prefix
+
+    def images(self) -> List[Tuple[str, torch.Tensor, int]]:
+        """The images put since the last :meth:`clear_images`, as ``(name, CHW tensor, iteration)``."""
+        return self._vis_data
+
+    def histograms(self) -> List[Dict[str, Any]]:
+        """The histograms put since the last :meth:`clear_histograms`, as keyword arguments of TensorBoard's
+        ``SummaryWriter.add_histogram_raw``."""
+        return self._histograms
 
     def clear_images(self) -> None:
         """Drops the stored images (writers call it once they wrote them)."""
@@ -546,9 +581,13 @@ class JSONWriter(EventWriter):
 class TensorboardXWriter(EventWriter):
     """Writes scalars, images and histograms to TensorBoard event files in ``log_dir``.
 
+    No file is created until there is something to write. ``_writer`` is the underlying
+    ``torch.utils.tensorboard.SummaryWriter``, created at its first use, as in detectron2: code may write to it
+    directly (``writer._writer.add_text(...)``).
+
     Args:
         log_dir: the folder of the event files.
-        window_size: window of the median for metrics with a smoothing hint.
+        window_size: window of the median for metrics with a smoothing hint, in iterations.
         kwargs: passed to ``torch.utils.tensorboard.SummaryWriter``.
     """
 
@@ -556,56 +595,75 @@ class TensorboardXWriter(EventWriter):
         self._log_dir = log_dir
         self._kwargs = kwargs
         self._window_size = window_size
-        self._writer: Optional[Any] = None
-        self._last_write = -1
+        self._summary_writer: Optional[Any] = None
+        self._last_write: Optional[int] = None  # None until the run's first write is due
 
-    def _open(self, start_iter: int) -> None:
-        from torch.utils.tensorboard import SummaryWriter  # slow import: only when used
+    def _start(self, start_iter: int) -> None:
+        # A resumed run keeps what the interrupted run wrote up to its last write before the checkpoint (see
+        # EventWriter.continue_after) and writes the later steps again.
+        self._last_write = self._kept_through(start_iter) if start_iter > 0 else -1
+        self._continue_after = None
 
-        # A resumed run tells TensorBoard to hide the steps that an interrupted run wrote after the last write
-        # before its checkpoint, and writes them again.
-        kwargs = dict(self._kwargs)
-        if start_iter > 0:
-            kept = self._kept_through(start_iter)
-            kwargs.setdefault("purge_step", kept + 1)
-            self._last_write = kept
-        self._writer = SummaryWriter(self._log_dir, **kwargs)
+    @property
+    def _writer(self) -> Any:
+        if self._summary_writer is None:
+            from torch.utils.tensorboard import SummaryWriter  # slow import: only when used
+
+            if self._last_write is None and has_event_storage():
+                self._start(get_event_storage().start_iter)
+            kwargs = dict(self._kwargs)
+            if self._last_write is not None and self._last_write >= 0:
+                kwargs.setdefault("purge_step", self._last_write + 1)  # TensorBoard hides the later steps
+            self._summary_writer = SummaryWriter(self._log_dir, **kwargs)
+        return self._summary_writer
 
     def write(self) -> None:
         storage = get_event_storage()
-        if self._writer is None:
-            self._open(storage.start_iter)
+        if self._last_write is None:
+            self._start(storage.start_iter)
         new = _new_scalars_by_iter(storage, self._window_size, self._last_write)
+        images, histograms = storage.images(), storage.histograms()
+        if not (new or images or histograms):
+            return
+        writer = self._writer
         for itr, scalars in new.items():
             for name, value in scalars.items():
-                self._writer.add_scalar(name, value, itr)
+                writer.add_scalar(name, value, itr)
         if new:
             self._last_write = max(new)
-        if storage._vis_data:
-            for img_name, img, step_num in storage._vis_data:
-                self._writer.add_image(img_name, img, step_num)
-            storage.clear_images()
-        if storage._histograms:
-            for params in storage._histograms:
-                self._writer.add_histogram_raw(**params)
-            storage.clear_histograms()
-        self._writer.flush()
+        for img_name, img, step_num in images:
+            writer.add_image(img_name, img, step_num)
+        storage.clear_images()
+        for params in histograms:
+            writer.add_histogram_raw(**params)
+        storage.clear_histograms()
+        writer.flush()
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+        # A later write (a second train() with the same writers) opens a new event file.
+        if self._summary_writer is not None:
+            self._summary_writer.close()
+            self._summary_writer = None
+        self._last_write = None
 
 
 class CommonMetricPrinter(EventWriter):
     """Logs the common metrics of a training iteration to the console: ETA, iteration, each loss (smoothed),
     time, data_time, lr, and max memory on CUDA.
 
+    The losses are medians, and ``time`` and ``data_time`` means, over the values put in the last
+    ``window_size`` iterations (see :meth:`EventStorage.count_samples`).
+
     Args:
-        max_iter: the iteration training ends at (for the ETA).
-        window_size: window of the medians and averages.
+        max_iter: the iteration training ends at; without it, no ETA is printed.
+        window_size: window of the medians and averages, in iterations.
+
+    Attributes:
+        logger: the logger the lines go to (``trainkit.utils.events``); replace it to send them elsewhere.
     """
 
-    def __init__(self, max_iter: Optional[int], window_size: int = 20) -> None:
+    def __init__(self, max_iter: Optional[int] = None, window_size: int = 20) -> None:
+        self.logger = logging.getLogger(__name__)
         self._max_iter = max_iter
         self._window_size = window_size
         self._last_write: Optional[Tuple[int, float]] = None  # (iteration, wall time) of the previous write
@@ -628,7 +686,7 @@ class CommonMetricPrinter(EventWriter):
         return None if seconds is None else str(datetime.timedelta(seconds=int(seconds)))
 
     def write(self) -> None:
-        if not logger.isEnabledFor(logging.INFO):
+        if not self.logger.isEnabledFor(logging.INFO):
             return  # nobody would see the line: do not compute it
         storage = get_event_storage()
         iteration = storage.iter
@@ -637,21 +695,23 @@ class CommonMetricPrinter(EventWriter):
         histories = storage.histories()
         w = self._window_size
 
-        def fmt(name: str, spec: str, how: str = "avg") -> str:
+        def fmt(name: str, spec: str) -> str:
             if name not in histories:
                 return ""
-            value = histories[name].avg(w) if how == "avg" else histories[name].global_avg()
-            return f"{name}: {value:{spec}}  "
+            h = histories[name]
+            return f"{name}: {h.avg(h.count_in_last_iters(w)):{spec}}  "
 
         eta = self._eta(storage, iteration)
         losses = "  ".join(
-            f"{k}: {h.median(w):.4g}" for k, h in histories.items() if "loss" in k and storage.smoothing_hints()[k]
+            f"{k}: {h.median(h.count_in_last_iters(w)):.4g}"
+            for k, h in histories.items()
+            if "loss" in k and storage.smoothing_hints()[k]
         )
         lr = f"lr: {histories['lr'].latest():.5g}  " if "lr" in histories else ""
         mem = ""
         if torch.cuda.is_available():
             mem = f"max_mem: {torch.cuda.max_memory_allocated() / 1024 / 1024:.0f}M"
-        logger.info(
+        self.logger.info(
             " %siter: %d  %s  %s%s%s%s",
             f"eta: {eta}  " if eta else "",
             iteration,
