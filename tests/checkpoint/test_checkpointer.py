@@ -298,32 +298,49 @@ def test_periodic_checkpointer_saves_both_files_when_the_last_iteration_is_due(t
     assert _names(tmp_path) == ["ckpt_0000004.pth", "ckpt_0000009.pth", "ckpt_final.pth"]
 
 
-def test_max_to_keep_counts_files_from_before_a_resume_and_spares_other_files(tmp_path):
+def test_max_to_keep_counts_the_runs_files_across_a_resume_and_spares_every_other_file(tmp_path):
     checkpointer = Checkpointer(_mlp(), str(tmp_path))
     checkpointer.save("model_ema_0000001")
     checkpointer.save("model_best")
+    torch.save({"mine": torch.ones(1)}, tmp_path / "model_0000000.pth")  # the user's own files, named like ours
+    torch.save({"mine": torch.ones(1)}, tmp_path / "model_0000002.pth")
     first = PeriodicCheckpointer(checkpointer, period=2, max_iter=20, max_to_keep=2)
     for iteration in range(6):
         first.step(iteration)
-    others = ["model_best.pth", "model_ema_0000001.pth"]
-    assert _names(tmp_path) == ["model_0000003.pth", "model_0000005.pth", *others]
+    others = ["model_0000000.pth", "model_0000002.pth", "model_best.pth", "model_ema_0000001.pth"]
+    assert _names(tmp_path) == sorted(["model_0000003.pth", "model_0000005.pth", *others])
 
-    # A "resumed" run: a new instance on the same folder continues from iteration 6.
+    # A resumed run: a new instance restores the names from the state that the checkpoint held.
+    path = tmp_path / "state.pt"
+    torch.save(first.state_dict(), path)
     resumed = PeriodicCheckpointer(Checkpointer(_mlp(), str(tmp_path)), period=2, max_iter=10, max_to_keep=2)
+    resumed.load_state_dict(torch.load(path, weights_only=True))
     resumed.step(6)
     resumed.step(7)
-    assert _names(tmp_path) == ["model_0000005.pth", "model_0000007.pth", *others]
+    assert _names(tmp_path) == sorted(["model_0000005.pth", "model_0000007.pth", *others])
     for iteration in range(8, 10):
         resumed.step(iteration)
-    assert _names(tmp_path) == ["model_0000007.pth", "model_0000009.pth", *others, "model_final.pth"]
+    assert _names(tmp_path) == sorted(["model_0000007.pth", "model_0000009.pth", *others, "model_final.pth"])
+    assert resumed.state_dict() == {"written": ["model_0000007.pth", "model_0000009.pth"]}
 
 
-def test_max_to_keep_never_deletes_the_tagged_checkpoint(tmp_path):
+def test_max_to_keep_deletes_no_file_a_run_resumed_without_a_record_did_not_write(tmp_path):
     checkpointer = Checkpointer(_mlp(), str(tmp_path))
-    checkpointer.save("model_0000099")  # from a longer earlier run; tag re-pointed below
+    for name in ("model_0000001", "model_0000003"):
+        checkpointer.save(name)  # an earlier run's (or a checkpoint from before the record existed)
+    periodic = PeriodicCheckpointer(checkpointer, period=2, max_to_keep=1)
+    for iteration in range(4, 10):
+        periodic.step(iteration)
+    assert _names(tmp_path) == ["model_0000001.pth", "model_0000003.pth", "model_0000009.pth"]
+
+
+def test_max_to_keep_one_keeps_the_tagged_newest_checkpoint(tmp_path):
+    checkpointer = Checkpointer(_mlp(), str(tmp_path))
     periodic = PeriodicCheckpointer(checkpointer, period=1, max_to_keep=1)
-    periodic.step(0)
-    assert _names(tmp_path) == ["model_0000000.pth", "model_0000099.pth"]  # tagged file kept, 99 is "newest"
+    for iteration in range(3):
+        periodic.step(iteration)
+    assert _names(tmp_path) == ["model_0000002.pth"]
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000002.pth"
 
 
 def test_max_to_keep_is_left_alone_on_non_main_processes(tmp_path):

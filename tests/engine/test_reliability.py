@@ -322,9 +322,13 @@ def test_a_hook_that_raises_still_flushes_the_writers_and_propagates(mlp_cfg, tm
 def test_checkpoint_max_to_keep_keeps_the_newest_periodic_checkpoints_across_a_resume(tmp_path):
     cfg = make_cfg(tmp_path / "out", config=MLP, **{"SOLVER.MAX_ITER": 50, "SOLVER.CHECKPOINT_PERIOD": 10,
                                                    "SOLVER.CHECKPOINT_MAX_TO_KEEP": 2, "TEST.EVAL_PERIOD": 0})
-    train(cfg, extra_hooks=[StopAt(29)])
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.glob("*.pth")) == ["model_0000019.pth", "model_0000029.pth"]
+    out.mkdir()
+    torch.save({"a": torch.zeros(1)}, out / "model_0000001.pth")  # the user's file: never deleted
+    train(cfg, extra_hooks=[StopAt(29)])
+    assert sorted(p.name for p in out.glob("*.pth")) == ["model_0000001.pth", "model_0000019.pth", "model_0000029.pth"]
     train(cfg, resume=True)
-    assert sorted(p.name for p in out.glob("*.pth")) == ["model_0000039.pth", "model_0000049.pth", "model_final.pth"]
+    assert sorted(p.name for p in out.glob("*.pth")) == [
+        "model_0000001.pth", "model_0000039.pth", "model_0000049.pth", "model_final.pth"
+    ]
     assert (out / "last_checkpoint").read_text() == "model_final.pth"

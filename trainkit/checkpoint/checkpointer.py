@@ -7,7 +7,6 @@ every file is written atomically (see :mod:`trainkit.checkpoint.serialization`),
 """
 import logging
 import os
-import re
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -302,9 +301,11 @@ class PeriodicCheckpointer:
             checkpointer: does the saving.
             period: save every ``period`` iterations.
             max_iter: total iterations; the step at ``max_iter - 1`` also saves ``{file_prefix}_final``.
-            max_to_keep: keep the newest (highest-iteration) N periodic files of this prefix, counting those
-                already in the folder from before a resume. Never deletes another prefix's files, the
-                ``_final`` file, or the file the ``last_checkpoint`` tag names. None keeps everything.
+            max_to_keep: keep the newest N periodic files that this run wrote, counting those written before
+                a resume (the names are kept in :meth:`state_dict`, which the hook form saves in every
+                checkpoint). Deletes no other file: not one the run did not write (a user's
+                ``model_0000001.pth``, an earlier run's), not the ``_final`` file, not the file the
+                ``last_checkpoint`` tag names. None keeps everything.
             file_prefix: file name prefix.
         """
         if int(period) < 1:
@@ -316,14 +317,17 @@ class PeriodicCheckpointer:
         self.max_iter = max_iter
         self.max_to_keep = max_to_keep
         self.file_prefix = file_prefix
-        self._periodic_name = re.compile(rf"{re.escape(file_prefix)}_(\d{{7,}})\.pth")
+        self._written: List[str] = []  # the periodic files this run saved, oldest first (names in save_dir)
 
     def step(self, iteration: int, **kwargs: Any) -> None:
         """Save if ``iteration`` is due; ``kwargs`` and ``iteration`` are stored as extra data."""
         iteration = int(iteration)
         extra = {"iteration": iteration, **kwargs}
         if (iteration + 1) % self.period == 0:
-            self.checkpointer.save(f"{self.file_prefix}_{iteration:07d}", **extra)
+            name = f"{self.file_prefix}_{iteration:07d}"
+            if f"{name}.pth" not in self._written:
+                self._written.append(f"{name}.pth")  # before the save, so that the file records itself
+            self.checkpointer.save(name, **extra)
             if self.max_to_keep is not None:
                 self._delete_old_checkpoints()
         if self.max_iter is not None and iteration >= self.max_iter - 1:
@@ -333,18 +337,23 @@ class PeriodicCheckpointer:
         """Same as ``checkpointer.save(name, **kwargs)``."""
         return self.checkpointer.save(name, **kwargs)
 
+    def state_dict(self) -> Dict[str, Any]:
+        """The names of the periodic files this run wrote and has not deleted (plain data)."""
+        return {"written": list(self._written)}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restores what :meth:`state_dict` returned: a resumed run goes on counting its own files."""
+        self._written = [str(name) for name in state_dict.get("written", [])]
+
     def _delete_old_checkpoints(self) -> None:
         if not self.checkpointer.save_to_disk:
             return
-        periodic = []
-        for path in self.checkpointer.get_all_checkpoint_files():
-            match = self._periodic_name.fullmatch(os.path.basename(path))
-            if match:
-                periodic.append((int(match.group(1)), path))
-        periodic.sort()
         tagged = self.checkpointer.get_checkpoint_file()
-        for _, path in periodic[: -self.max_to_keep]:
+        old, self._written = self._written[: -self.max_to_keep], self._written[-self.max_to_keep :]
+        for name in old:
+            path = os.path.join(self.checkpointer.save_dir, name)
             if tagged and os.path.abspath(path) == os.path.abspath(tagged):
+                self._written.insert(0, name)  # still the resume point: deleted once it is not
                 continue
             try:
                 os.remove(path)

@@ -65,8 +65,8 @@ _C.SOLVER.WARMUP_ITERS = 1000
 _C.SOLVER.WARMUP_METHOD = "linear"
 _C.SOLVER.RESCALE_INTERVAL = False
 _C.SOLVER.CHECKPOINT_PERIOD = 5000
-# trainkit: keep only the newest N periodic checkpoints (model_final and other files are never deleted);
-# 0 keeps them all.
+# trainkit: keep only the newest N periodic checkpoints that the run wrote (model_final and files the run did
+# not write are never deleted); 0 keeps them all.
 _C.SOLVER.CHECKPOINT_MAX_TO_KEEP = 0
 _C.SOLVER.IMS_PER_BATCH = 16
 _C.SOLVER.REFERENCE_WORLD_SIZE = 0
