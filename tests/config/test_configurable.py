@@ -93,7 +93,8 @@ def test_a_class_without_from_config_called_with_a_config_is_a_clear_error():
 
 
 def test_extra_positional_arguments_beside_a_config_are_a_clear_error():
-    with pytest.raises(TypeError, match=r"ConfigurableNet.from_config cannot take these arguments .*signature is \(cfg\)"):
+    message = r"ConfigurableNet.from_config cannot take these arguments .*signature is \(cfg\)"
+    with pytest.raises(TypeError, match=message):
         ConfigurableNet(_cfg(), 3)
     with pytest.raises(TypeError, match="make_schedule cannot take these arguments"):
         make_schedule(get_cfg(), 1.0, 2.0)

@@ -96,7 +96,9 @@ def _configurable_init(init_func: Callable) -> Callable:
                 "`@classmethod def from_config(cls, cfg): return {...}` returning the __init__ arguments."
             )
         if not inspect.ismethod(from_config) or from_config.__self__ is not cls:
-            raise TypeError(f"{cls.__name__}.from_config must be a @classmethod (it is called as cls.from_config(cfg)).")
+            raise TypeError(
+                f"{cls.__name__}.from_config must be a @classmethod (it is called as cls.from_config(cfg))."
+            )
         init_func(self, **_args_from_config(from_config, f"{cls.__name__}.from_config", args, kwargs))
 
     return wrapped

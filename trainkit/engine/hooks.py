@@ -97,10 +97,11 @@ class IterationTimer(HookBase):
 
     Timing starts at the ``warmup_iter``-th iteration of the run, as in detectron2: the first
     ``warmup_iter - 1`` iterations, which include one-off costs such as allocator warm-up and data-loader
-    start-up, put no ``time`` (50 iterations with ``warmup_iter=3`` put 48 values). The time runs from its own ``before_step`` to its own ``after_step``: register it
-    first so that it covers the step and the other hooks' ``before_step`` and ``after_backward``. The other
-    hooks' ``after_step`` (evaluation, checkpoints, writing) runs after its own and is not in ``time``; the
-    "Overall training speed" logged at the end covers it.
+    start-up, put no ``time`` (50 iterations with ``warmup_iter=3`` put 48 values). The time runs from its own
+    ``before_step`` to its own ``after_step``: register it first so that it covers the step and the other
+    hooks' ``before_step`` and ``after_backward``. The other hooks' ``after_step`` (evaluation, checkpoints,
+    writing) runs after its own and is not in ``time``; the "Overall training speed" logged at the end covers
+    it.
 
     Args:
         warmup_iter: the first timed iteration of the run, counting from 1 (0 and 1 time every iteration).
