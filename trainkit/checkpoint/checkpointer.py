@@ -7,11 +7,12 @@ every file is written atomically (see :mod:`trainkit.checkpoint.serialization`),
 """
 import logging
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
+from .async_save import BackgroundWriter, snapshot_to_host
 from .model_loading import load_model_state_dict, unwrap_model
 from .serialization import (
     CheckpointError,
@@ -58,6 +59,7 @@ class Checkpointer:
         self.checkpointables: Dict[str, Any] = {}
         for key, obj in checkpointables.items():
             self.add_checkpointable(key, obj)
+        self._writer = BackgroundWriter()
 
     def add_checkpointable(self, key: str, checkpointable: Any) -> None:
         """Register one more object whose ``state_dict()`` is saved under ``key``."""
@@ -73,24 +75,39 @@ class Checkpointer:
 
     # ----------------------------------------------------------------------------------------- saving
 
-    def save(self, name: str, *, tag: bool = True, **extra: Any) -> Optional[str]:
+    def save(
+        self,
+        name: str,
+        *,
+        tag: bool = True,
+        blocking: bool = True,
+        on_written: Optional[Callable[[], None]] = None,
+        **extra: Any,
+    ) -> Optional[str]:
         """Write ``{save_dir}/{name}.pth`` atomically and (by default) tag it as the last checkpoint.
 
         Does nothing when ``save_dir`` is empty. With ``save_to_disk`` false it collects the state (so that
-        collectives inside ``state_dict()`` meet on every process) but writes nothing.
+        collectives inside ``state_dict()`` meet on every process) but writes nothing, and never waits for a
+        disk. Every save first waits for the background save in flight, if any (at most one is in flight).
 
         Args:
             name: file name without the ``.pth`` extension, e.g. ``"model_0000999"``.
             tag: point the ``last_checkpoint`` tag at this file. Pass False for side files, such as the best
                 model so far, that a resumed run must not start from.
+            blocking: True writes the file before returning. False copies the state to host memory (the only
+                stall) and writes it in a background thread with the same atomic protocol; call :meth:`wait`
+                before the process ends, or before reading the file.
+            on_written: called (in the writer's thread when not blocking) after the file and its tag are in
+                place, e.g. to prune old checkpoints.
             **extra: more data to store, e.g. ``iteration=999``; tensors and plain Python data only.
 
         Returns:
-            The path written, or None when nothing was written.
+            The path written (or being written), or None when nothing is written.
 
         Raises:
             TypeError: something in the checkpoint would not load with ``weights_only=True``; nothing was
                 written, so the previous checkpoint and tag stay as they were.
+            BackgroundSaveError: the previous background save failed (the message names its file).
         """
         if not self.save_dir:
             return None
@@ -99,6 +116,12 @@ class Checkpointer:
         taken = sorted(set(extra) & ({"model"} | set(self.checkpointables)))
         if taken:
             raise ValueError(f"Extra data names {taken} clash with the model/checkpointable entries; rename them.")
+        # Waiting before the state is collected keeps one snapshot alive at a time, and lets the previous
+        # save's on_written (which may change a hook's state) finish before that state is read.
+        basename = f"{name}.pth"
+        path = os.path.join(self.save_dir, basename)
+        if self.save_to_disk:
+            self._writer.wait_before(path)
         # Every process collects the state, also those that do not write: a checkpointable's state_dict() may
         # be a collective (the trainer gathers every rank's RNG state), which all ranks must enter.
         data = {"model": unwrap_model(self.model).state_dict()}
@@ -107,16 +130,32 @@ class Checkpointer:
         data.update(extra)
         if not self.save_to_disk:
             return None
-        basename = f"{name}.pth"
         check_weights_only_loadable(data, name=basename)
         os.makedirs(self.save_dir, exist_ok=True)
+        if blocking:
+            self._write(data, path, tag, on_written)
+        else:
+            snapshot = snapshot_to_host(data)
+            del data
+            self._writer.start(lambda: self._write(snapshot, path, tag, on_written), path)
+        return path
+
+    def _write(self, data: Dict[str, Any], path: str, tag: bool, on_written: Optional[Callable[[], None]]) -> None:
         remove_stale_temp_files(self.save_dir)
-        path = os.path.join(self.save_dir, basename)
         logger.info("Saving checkpoint to %s", path)
         atomic_save(data, path)
         if tag:
-            self.tag_last_checkpoint(basename)
-        return path
+            self.tag_last_checkpoint(os.path.basename(path))
+        if on_written is not None:
+            on_written()
+
+    def wait(self) -> None:
+        """Block until the background save in flight (if any) is written, tagged and pruned.
+
+        Raises:
+            BackgroundSaveError: that save failed; the message names its file and the cause. Raised once.
+        """
+        self._writer.wait()
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         """Atomically point ``{save_dir}/last_checkpoint`` at ``last_filename_basename``."""
@@ -295,6 +334,7 @@ class PeriodicCheckpointer:
         max_iter: Optional[int] = None,
         max_to_keep: Optional[int] = None,
         file_prefix: str = "model",
+        async_save: bool = False,
     ):
         """
         Args:
@@ -307,6 +347,8 @@ class PeriodicCheckpointer:
                 ``model_0000001.pth``, an earlier run's), not the ``_final`` file, not the file the
                 ``last_checkpoint`` tag names. None keeps everything.
             file_prefix: file name prefix.
+            async_save: save in the background (``checkpointer.save(..., blocking=False)``); old files are
+                pruned by the writer once the new one is in place. Call ``checkpointer.wait()`` at the end.
         """
         if int(period) < 1:
             raise ValueError(f"period must be a positive number of iterations, got {period}.")
@@ -317,21 +359,24 @@ class PeriodicCheckpointer:
         self.max_iter = max_iter
         self.max_to_keep = max_to_keep
         self.file_prefix = file_prefix
+        self.async_save = bool(async_save)
         self._written: List[str] = []  # the periodic files this run saved, oldest first (names in save_dir)
 
     def step(self, iteration: int, **kwargs: Any) -> None:
         """Save if ``iteration`` is due; ``kwargs`` and ``iteration`` are stored as extra data."""
         iteration = int(iteration)
         extra = {"iteration": iteration, **kwargs}
+        blocking = not self.async_save
         if (iteration + 1) % self.period == 0:
             name = f"{self.file_prefix}_{iteration:07d}"
+            # A background save in flight may still be pruning self._written: let it finish first.
+            self.checkpointer.wait()
             if f"{name}.pth" not in self._written:
                 self._written.append(f"{name}.pth")  # before the save, so that the file records itself
-            self.checkpointer.save(name, **extra)
-            if self.max_to_keep is not None:
-                self._delete_old_checkpoints()
+            prune = self._delete_old_checkpoints if self.max_to_keep is not None else None
+            self.checkpointer.save(name, blocking=blocking, on_written=prune, **extra)
         if self.max_iter is not None and iteration >= self.max_iter - 1:
-            self.checkpointer.save(f"{self.file_prefix}_final", **extra)
+            self.checkpointer.save(f"{self.file_prefix}_final", blocking=blocking, **extra)
 
     def save(self, name: str, **kwargs: Any) -> Optional[str]:
         """Same as ``checkpointer.save(name, **kwargs)``."""

@@ -44,6 +44,7 @@ _RANGES: List[Tuple[str, Callable[[Any], bool], str]] = [
     ("SOLVER.WARMUP_METHOD", lambda v: v in ("linear", "constant"), "'linear' or 'constant'"),
     ("SOLVER.CHECKPOINT_PERIOD", lambda v: v >= 1, "a number of iterations >= 1"),
     ("SOLVER.CHECKPOINT_MAX_TO_KEEP", lambda v: v >= 0, "a number of files >= 0 (0 keeps all)"),
+    ("SOLVER.CHECKPOINT_ASYNC", lambda v: isinstance(v, bool), "True or False"),
     ("SOLVER.IMS_PER_BATCH", lambda v: v >= 1, "a batch size >= 1"),
     ("SOLVER.REFERENCE_WORLD_SIZE", lambda v: v >= 0, "a number of processes >= 0 (0: no scaling)"),
     ("SOLVER.BIAS_LR_FACTOR", lambda v: _number(v) and v >= 0, "a finite number >= 0"),

@@ -68,6 +68,9 @@ _C.SOLVER.CHECKPOINT_PERIOD = 5000
 # trainkit: keep only the newest N periodic checkpoints that the run wrote (model_final and files the run did
 # not write are never deleted); 0 keeps them all.
 _C.SOLVER.CHECKPOINT_MAX_TO_KEEP = 0
+# trainkit: write periodic and final checkpoints in a background thread; training stalls only while the state
+# is copied to host memory (docs/checkpoints.md, "Async saves").
+_C.SOLVER.CHECKPOINT_ASYNC = False
 _C.SOLVER.IMS_PER_BATCH = 16
 _C.SOLVER.REFERENCE_WORLD_SIZE = 0
 _C.SOLVER.BIAS_LR_FACTOR = 1.0

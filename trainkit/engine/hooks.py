@@ -335,12 +335,20 @@ class PeriodicCheckpointer(_PeriodicCheckpointer, HookBase):
         period: iterations between checkpoints.
         max_to_keep: keep the newest N periodic checkpoints (None: all).
         file_prefix: file name prefix.
+        async_save: write in a background thread; training stalls only for the copy of the state to host
+            memory. ``after_train`` waits for the save in flight and raises its error, if any.
     """
 
     def __init__(
-        self, checkpointer: Any, period: int, max_to_keep: Optional[int] = None, file_prefix: str = "model"
+        self,
+        checkpointer: Any,
+        period: int,
+        max_to_keep: Optional[int] = None,
+        file_prefix: str = "model",
+        async_save: bool = False,
     ) -> None:
-        super().__init__(checkpointer, period, max_iter=None, max_to_keep=max_to_keep, file_prefix=file_prefix)
+        super().__init__(checkpointer, period, max_iter=None, max_to_keep=max_to_keep, file_prefix=file_prefix,
+                         async_save=async_save)
 
     def before_train(self) -> None:
         self.max_iter = self.trainer.max_iter
@@ -352,6 +360,7 @@ class PeriodicCheckpointer(_PeriodicCheckpointer, HookBase):
         self.step(it)
 
     def after_train(self) -> None:
+        self.checkpointer.wait()  # the final save may still be in flight; its error is raised here
         # A run resumed from the periodic checkpoint of its last iteration ran no iteration: the previous run
         # was killed during the final save. That checkpoint and model_final are the same moment's state.
         t = self.trainer
@@ -429,7 +438,8 @@ class PreemptionHandler(HookBase):
             return  # nothing asked, or the last iteration: the final checkpoint is saved anyway
         _flush_trainer_metrics(self.trainer)
         it = self.trainer.iter
-        self._checkpointer.save(f"model_{it:07d}", iteration=it)
+        # Blocking: it waits for a background save in flight, then writes this one before the process stops.
+        self._checkpointer.save(f"model_{it:07d}", iteration=it, blocking=True)
         reason = self._received or "a signal to another process"
         self.trainer.request_stop(f"received {reason}")
         logger.warning(
