@@ -1,14 +1,16 @@
 """Async checkpoint saving: a host-memory snapshot of the state, written by one background thread.
 
-Training stalls only for :func:`snapshot_to_host`, which clones every tensor of the state into memory that the
-training step never touches again (pinned host memory for CUDA tensors, so the copy runs at full bus speed).
+Training stalls only for :func:`snapshot_to_host`, which copies every tensor of the state into host memory that
+the training step never touches (pinned memory for CUDA tensors, so the copy runs at full bus speed).
 :class:`BackgroundWriter` then runs the write (the same atomic protocol as a blocking save) in a thread. It runs
-one write at a time: starting the next one first waits for the previous one, so at most one snapshot is alive
-and memory stays bounded at one copy of the state. An error of the write is kept and raised in the training
-process at the next :meth:`BackgroundWriter.wait` (the next save, or the end of training).
+one write at a time: the next save first waits for the previous one, so at most one snapshot is alive and
+memory stays bounded at one copy of the state. That copy is kept and overwritten in place by the next save, as
+torchtitan keeps its pinned state dict: allocating fresh memory each time costs several times the copy itself
+(benchmarks/README.md). An error of the write is kept and raised in the training thread at the next
+:meth:`BackgroundWriter.wait` (the next save, or the end of training).
 
-A thread, not a process: ``torch.save`` spends its time writing tensor bytes, which does not hold the GIL, and
-a thread shares the snapshot without a second copy into shared memory (benchmarks/README.md has the figures).
+A thread, not a process: a process would need the snapshot copied again into shared memory, and the write
+is mostly file I/O, which runs outside the GIL.
 """
 import copy
 import logging
@@ -29,45 +31,63 @@ class BackgroundSaveError(CheckpointError):
     """A checkpoint written in the background failed (disk full, permission denied, ...); names the file."""
 
 
-def snapshot_to_host(obj: Any) -> Any:
+def snapshot_to_host(obj: Any, reuse: Any = None) -> Any:
     """A copy of ``obj`` that shares no tensor memory and no mutable container with it.
 
-    Tensors are cloned to host memory (into pinned memory when they live on a GPU, with one device
+    Tensors are copied to host memory (into pinned memory when they live on a GPU, with one device
     synchronisation at the end); dicts, lists, tuples and sets are rebuilt; other values are deep-copied (they
     are small: numbers, strings, the config's text). Training may then change the live state freely while the
     copy is written.
 
     Args:
         obj: a checkpoint's data, e.g. ``{"model": state_dict, "trainer": {...}, "iteration": 99}``.
+        reuse: an earlier snapshot that nothing reads any more. Its tensors are overwritten in place where the
+            new state has a tensor of the same shape and dtype at the same place, which avoids allocating
+            (and page-faulting, or pinning) fresh memory: several times faster than a fresh copy on CPU.
 
     Returns:
         The copy, with every tensor on the CPU.
     """
     on_gpu = [False]
-    copied = _copy(obj, on_gpu)
+    copied = _copy(obj, reuse, on_gpu)
     if on_gpu[0]:
         torch.cuda.synchronize()  # the non-blocking device-to-host copies must land before the writer reads
     return copied
 
 
-def _copy(value: Any, on_gpu: list) -> Any:
+def _copy(value: Any, reuse: Any, on_gpu: list) -> Any:
     if isinstance(value, torch.Tensor):
-        tensor = value.detach()
-        if tensor.device.type == "cuda" and torch.cuda.is_available():
-            host = torch.empty(tensor.size(), dtype=tensor.dtype, pin_memory=True)
-            host.copy_(tensor, non_blocking=True)
-            on_gpu[0] = True
-            return host
-        return tensor.to("cpu", copy=True)
+        return _copy_tensor(value.detach(), reuse, on_gpu)
     if isinstance(value, dict):
         # type(value)() keeps OrderedDict (a model's state_dict) an OrderedDict.
         out = type(value)()
+        old = reuse if isinstance(reuse, dict) else {}
         for key, item in value.items():
-            out[key] = _copy(item, on_gpu)
+            out[key] = _copy(item, old.get(key), on_gpu)
         return out
-    if type(value) in (list, tuple, set):
-        return type(value)(_copy(item, on_gpu) for item in value)
+    if type(value) in (list, tuple):
+        old = reuse if type(reuse) is type(value) and len(reuse) == len(value) else [None] * len(value)
+        return type(value)(_copy(item, previous, on_gpu) for item, previous in zip(value, old))
+    if type(value) is set:
+        return {_copy(item, None, on_gpu) for item in value}
     return copy.deepcopy(value)
+
+
+def _copy_tensor(tensor: torch.Tensor, reuse: Any, on_gpu: list) -> torch.Tensor:
+    cuda = tensor.device.type == "cuda" and torch.cuda.is_available()
+    reusable = (
+        isinstance(reuse, torch.Tensor)
+        and reuse.size() == tensor.size()
+        and reuse.dtype == tensor.dtype
+        and reuse.is_contiguous()
+        and (reuse.is_pinned() if cuda else True)
+    )
+    if not reusable and not cuda:
+        return tensor.to("cpu", copy=True)
+    host = reuse if reusable else torch.empty(tensor.size(), dtype=tensor.dtype, pin_memory=cuda)
+    host.copy_(tensor, non_blocking=cuda)
+    on_gpu[0] = on_gpu[0] or cuda
+    return host
 
 
 class BackgroundWriter:

@@ -60,6 +60,7 @@ class Checkpointer:
         for key, obj in checkpointables.items():
             self.add_checkpointable(key, obj)
         self._writer = BackgroundWriter()
+        self._snapshot: Optional[Dict[str, Any]] = None  # the last async save's copy, overwritten by the next
 
     def add_checkpointable(self, key: str, checkpointable: Any) -> None:
         """Register one more object whose ``state_dict()`` is saved under ``key``."""
@@ -135,7 +136,8 @@ class Checkpointer:
         if blocking:
             self._write(data, path, tag, on_written)
         else:
-            snapshot = snapshot_to_host(data)
+            # The previous snapshot is free to overwrite: its write finished before this save collected the state.
+            snapshot = self._snapshot = snapshot_to_host(data, reuse=self._snapshot)
             del data
             self._writer.start(lambda: self._write(snapshot, path, tag, on_written), path)
         return path
@@ -148,6 +150,11 @@ class Checkpointer:
             self.tag_last_checkpoint(os.path.basename(path))
         if on_written is not None:
             on_written()
+
+    @property
+    def saving(self) -> bool:
+        """Whether a background save (``save(..., blocking=False)``) is in flight."""
+        return self._writer.busy
 
     def wait(self) -> None:
         """Block until the background save in flight (if any) is written, tagged and pruned.

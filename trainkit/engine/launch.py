@@ -20,6 +20,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import threading
 import time
 import traceback
 from datetime import timedelta
@@ -192,7 +193,27 @@ def _run_under_torchrun(
                     world_size, os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
     # torchrun names the machine in GROUP_RANK; without it, assume its usual contiguous blocks of ranks.
     machine_id = int(os.environ.get("GROUP_RANK", rank // local_world_size))
-    _run_in_process_group(main_func, args, backend, "env://", world_size, rank, machine_id, timeout)
+    _exit_when_launcher_dies(os.getppid())
+    # torchrun keeps one TCPStore for all restarts of a worker group, and the process group writes the same
+    # keys in it each time (``default_pg/0//cpu/rank_0``, ...): a restarted group would read the dead group's
+    # addresses ("Gloo connectFullMesh failed ... Connection refused") or wait for its counters until the
+    # timeout. A prefix per restart scopes them.
+    prefix = f"trainkit/restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    _run_in_process_group(main_func, args, backend, "env://", world_size, rank, machine_id, timeout,
+                          store_prefix=prefix)
+
+
+def _exit_when_launcher_dies(launcher_pid: int, poll_s: float = 1.0) -> None:
+    # A torchrun worker whose agent is SIGKILLed is re-parented and, blocked in a collective, waits forever
+    # (or trains on alone). torchrun sets no parent-death signal; this thread notices the new parent within a
+    # second and SIGKILLs the worker, wherever its main thread is (checkpoints are atomic: nothing is torn).
+    def watch() -> None:
+        while os.getppid() == launcher_pid:
+            time.sleep(poll_s)
+        logger.error("The launcher (pid %d) of this worker is gone: exiting.", launcher_pid)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="trainkit-launcher-watchdog", daemon=True).start()
 
 
 def _spawn_and_join(num_procs: int, worker_args: Tuple[Any, ...]) -> None:
@@ -250,11 +271,17 @@ def _run_in_process_group(
     machine_id: int,
     timeout: timedelta,
     failure_file: Optional[str] = None,
+    store_prefix: Optional[str] = None,
 ) -> None:
-    """Joins the process group, runs ``main_func`` and always leaves the group again."""
+    """Joins the process group, runs ``main_func`` and always leaves the group again. With ``store_prefix``, the
+    group's keys in the store of ``init_method`` are written under that prefix."""
     try:
-        dist.init_process_group(backend=backend, init_method=init_method, world_size=world_size, rank=rank,
-                                timeout=timeout)
+        store = None
+        if store_prefix is not None:
+            shared, _, _ = next(dist.rendezvous(init_method, rank, world_size, timeout=timeout))
+            store = dist.PrefixStore(store_prefix, shared)
+        dist.init_process_group(backend=backend, init_method=None if store else init_method, store=store,
+                                world_size=world_size, rank=rank, timeout=timeout)
     except Exception as e:
         raise RuntimeError(
             f"Process {rank} of {world_size} could not meet the others at {init_method} within {timeout} "
@@ -266,7 +293,13 @@ def _run_in_process_group(
         _create_local_process_group(machine_id)
         comm.synchronize()
         main_func(*args)
-    except Exception:
+    except Exception as e:
+        if isinstance(e, dist.DistError) or "gloo" in str(e).lower():
+            logger.error(
+                "Process %d of %d: a collective failed (%s). Another process probably died or stopped answering; "
+                "a silent peer is waited for DIST.TIMEOUT_S (%s) before this error.", rank, world_size,
+                str(e).splitlines()[0] if str(e) else type(e).__name__, timeout,
+            )
         # Recorded before the group is destroyed below: destroying it is what makes the peers fail, so this
         # timestamp tells the root cause from its consequences.
         if failure_file is not None:
