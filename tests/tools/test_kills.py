@@ -103,3 +103,35 @@ def test_thirty_sigkills_spread_over_a_run_end_as_the_uninterrupted_run(tmp_path
     assert _without_timings(read_metrics(out)) == _without_timings(read_metrics(straight))
     ours, theirs = (load_checkpoint_file(str(d / "model_final.pth")) for d in (out, straight))
     assert all(torch.equal(ours["model"][k], theirs["model"][k]) for k in ours["model"])
+
+
+def test_twenty_sigkills_inside_async_saves_resume_to_the_uninterrupted_end(tmp_path):
+    # Async saves (SOLVER.CHECKPOINT_ASYNC): attempt k resumes and is SIGKILLed while saving the k-th periodic
+    # checkpoint, at a moment drawn from the snapshot, the background write, between the rename and the tag,
+    # and after the tag (four times each, shuffled), then once more inside the final save; then the run
+    # resumes to its end and must equal the uninterrupted synchronous run.
+    import random
+    import signal
+
+    args = ["--config-file", CONFIG, "SOLVER.MAX_ITER", "440", "SOLVER.LOG_PERIOD", "10",
+            "SOLVER.CHECKPOINT_PERIOD", "20", "TEST.EVAL_PERIOD", "0", "SOLVER.WARMUP_ITERS", "10",
+            "DATALOADER.NUM_WORKERS", "0"]
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    run_tool("train_net.py", *args, "OUTPUT_DIR", str(straight))
+    moments = ["inside_snapshot", "inside_save", "after_save", "after_tag", "before_save"] * 4
+    random.Random(15).shuffle(moments)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    for k, moment in enumerate(moments + ["inside_save"]):
+        file = f"model_{20 * k + 19:07d}.pth" if k < len(moments) else "model_final.pth"
+        killed = subprocess.run([sys.executable, "tests/tools/kill_at.py", moment, file, "--resume", *args,
+                                 "SOLVER.CHECKPOINT_ASYNC", "True", "OUTPUT_DIR", str(out)],
+                                cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert killed.returncode == -signal.SIGKILL, (moment, file, killed.stderr[-3000:])
+        tagged = (out / "last_checkpoint").read_text()
+        assert load_checkpoint_file(str(out / tagged))["iteration"] >= 0  # the newest complete one, loadable
+    run_tool("train_net.py", "--resume", *args, "SOLVER.CHECKPOINT_ASYNC", "True", "OUTPUT_DIR", str(out))
+    lines = read_metrics(out)
+    assert len({m["iteration"] for m in lines}) == len(lines)
+    assert _without_timings(lines) == _without_timings(read_metrics(straight))
+    ours, theirs = (load_checkpoint_file(str(d / "model_final.pth")) for d in (out, straight))
+    assert all(torch.equal(ours["model"][k], theirs["model"][k]) for k in theirs["model"])
