@@ -107,9 +107,11 @@ def test_thirty_sigkills_spread_over_a_run_end_as_the_uninterrupted_run(tmp_path
 
 def test_twenty_sigkills_inside_async_saves_resume_to_the_uninterrupted_end(tmp_path):
     # Async saves (SOLVER.CHECKPOINT_ASYNC): attempt k resumes and is SIGKILLed while saving the k-th periodic
-    # checkpoint, at a moment drawn from the snapshot, the background write, between the rename and the tag,
-    # and after the tag (four times each, shuffled), then once more inside the final save; then the run
-    # resumes to its end and must equal the uninterrupted synchronous run.
+    # checkpoint, at a moment drawn from: the start of the save, the snapshot, the background write, between
+    # the rename and the tag, after the tag (four times each, shuffled); then once more inside the final
+    # save. Each attempt is a train_net.py forked from kill_at.py (torch imported once). Then the run resumes
+    # to its end and must equal the uninterrupted synchronous run.
+    import json
     import random
     import signal
 
@@ -118,18 +120,23 @@ def test_twenty_sigkills_inside_async_saves_resume_to_the_uninterrupted_end(tmp_
             "DATALOADER.NUM_WORKERS", "0"]
     straight, out = tmp_path / "straight", tmp_path / "run"
     run_tool("train_net.py", *args, "OUTPUT_DIR", str(straight))
-    moments = ["inside_snapshot", "inside_save", "after_save", "after_tag", "before_save"] * 4
+    moments = ["before_save", "inside_snapshot", "inside_save", "after_save", "after_tag"] * 4
     random.Random(15).shuffle(moments)
+    plan = [f"{m}:model_{20 * k + 19:07d}.pth" for k, m in enumerate(moments)] + ["inside_save:model_final.pth"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    for k, moment in enumerate(moments + ["inside_save"]):
-        file = f"model_{20 * k + 19:07d}.pth" if k < len(moments) else "model_final.pth"
-        killed = subprocess.run([sys.executable, "tests/tools/kill_at.py", moment, file, "--resume", *args,
-                                 "SOLVER.CHECKPOINT_ASYNC", "True", "OUTPUT_DIR", str(out)],
-                                cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        assert killed.returncode == -signal.SIGKILL, (moment, file, killed.stderr[-3000:])
-        if (out / "last_checkpoint").exists():  # absent only while no save has completed yet
-            tagged = (out / "last_checkpoint").read_text()
-            assert load_checkpoint_file(str(out / tagged))["iteration"] >= 19  # a complete one, loadable
+    killed = subprocess.run([sys.executable, "tests/tools/kill_at.py", "--each", ",".join(plan), "--resume", *args,
+                             "SOLVER.CHECKPOINT_ASYNC", "True", "OUTPUT_DIR", str(out)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    runs = [json.loads(line) for line in killed.stdout.splitlines() if line.startswith('{"pair"')]
+    assert [r["pair"] for r in runs] == plan, killed.stderr[-3000:]
+    assert all(r["signal"] == signal.SIGKILL for r in runs), (runs, killed.stderr[-3000:])
+    # After each kill the tag names a complete, loadable checkpoint: the newest one whose tag was written.
+    for k, (moment, r) in enumerate(zip(moments, runs)):
+        newest = 20 * k + 19 if moment == "after_tag" else None
+        assert r["iteration"] is not None or k == 0, r
+        if newest is not None:
+            assert r["iteration"] == newest, r
+    assert not (out / "model_final.pth").exists()
     run_tool("train_net.py", "--resume", *args, "SOLVER.CHECKPOINT_ASYNC", "True", "OUTPUT_DIR", str(out))
     lines = read_metrics(out)
     assert len({m["iteration"] for m in lines}) == len(lines)

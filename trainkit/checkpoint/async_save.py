@@ -111,16 +111,6 @@ class BackgroundWriter:
         """Whether a write is in flight."""
         return self._thread is not None and self._thread.is_alive()
 
-    def wait_before(self, next_path: str) -> None:
-        """:meth:`wait`, logging how long it took when a write was in flight (the next save had to wait)."""
-        if not self.busy:
-            self.wait()
-            return
-        logger.info("Waiting for the background save of %s to finish before saving %s.", self._path, next_path)
-        start = time.perf_counter()
-        self.wait()
-        logger.info("Waited %.2f s for the background save of %s.", time.perf_counter() - start, self._path)
-
     def start(self, write: Callable[[], None], path: str) -> None:
         """Waits for the write in flight (if any), then runs ``write()`` in a new thread.
 
@@ -131,7 +121,7 @@ class BackgroundWriter:
         Raises:
             BackgroundSaveError: the previous write failed; ``write`` was not started.
         """
-        self.wait_before(path)
+        self.wait()
         self._path = path
         # Not a daemon: a process that ends while a save is in flight finishes writing it first.
         self._thread = threading.Thread(target=self._run, args=(write,), name="trainkit-checkpoint-writer")
@@ -147,12 +137,17 @@ class BackgroundWriter:
         logger.info("Saved checkpoint %s in the background in %.2f s.", self._path, time.perf_counter() - start)
 
     def wait(self) -> None:
-        """Blocks until the write in flight is done; raises its error, once.
+        """Blocks until the write in flight is done (logging that it waited, and how long); raises its error, once.
 
         Raises:
             BackgroundSaveError: the write failed. The file it was writing is absent or was completed
                 (never partial), and the ``last_checkpoint`` tag names a complete checkpoint.
         """
+        if self.busy:
+            logger.info("Waiting for the background save of %s to finish.", self._path)
+            start = time.perf_counter()
+            self._thread.join()
+            logger.info("Waited %.2f s for the background save of %s.", time.perf_counter() - start, self._path)
         if self._thread is not None:
             self._thread.join()
             self._thread = None

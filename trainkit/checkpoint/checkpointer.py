@@ -121,8 +121,7 @@ class Checkpointer:
         # save's on_written (which may change a hook's state) finish before that state is read.
         basename = f"{name}.pth"
         path = os.path.join(self.save_dir, basename)
-        if self.save_to_disk:
-            self._writer.wait_before(path)
+        self._writer.wait()  # a no-op on processes that do not write: they never start a background save
         # Every process collects the state, also those that do not write: a checkpointable's state_dict() may
         # be a collective (the trainer gathers every rank's RNG state), which all ranks must enter.
         data = {"model": unwrap_model(self.model).state_dict()}
