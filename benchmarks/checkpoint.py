@@ -15,7 +15,7 @@ For each, the peak resident memory above the steady state (Linux: ``VmHWM`` afte
 ``/proc/self/clear_refs``). Prints medians over the repeats, and the ratios the acceptance asks for: async
 stall / sync save time and async stall / bare copy.
 
-Usage: ``python benchmarks/checkpoint.py [--repeats 5] [--threads 1] [--dir FOLDER] [--json FILE]``
+Usage: ``python benchmarks/checkpoint.py [--repeats 5] [--threads 1] [--dir FOLDER] [--json FILE] [--width 3584]``
 (``--dir`` must be on a real disk, not a tmpfs, so that fsync means something.)
 """
 import argparse
@@ -129,13 +129,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads of the training step")
     parser.add_argument("--dir", default=None, help="folder on a real disk for the checkpoint files")
     parser.add_argument("--json", default=None, help="also write the rows and medians to this file")
+    parser.add_argument("--width", type=int, default=WIDTH, help="layer width (3584: 206 MB of weights)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = nn.Sequential(*[nn.Linear(WIDTH, WIDTH) for _ in range(LAYERS)])
+    model = nn.Sequential(*[nn.Linear(args.width, args.width) for _ in range(LAYERS)])
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
-    x = torch.randn(BATCH, WIDTH)
+    x = torch.randn(BATCH, args.width)
     size_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e6
     folder = tempfile.mkdtemp(prefix="trainkit-ckpt-bench-", dir=args.dir)
     print(f"model state {size_mb:.0f} MB; folder {folder} ({_fs_type(folder)}); threads {args.threads}")

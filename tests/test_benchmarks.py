@@ -52,3 +52,19 @@ def test_instruction_counts_per_iteration_come_from_the_difference_of_two_runs(t
     assert totals[0]["Ir"] > 1_000_000  # the interpreter's start-up
     per_iter = instructions.per_iteration(totals[0], totals[1], 20000)["Ir"]
     assert 5 < per_iter < 500  # one FOR_ITER and one STORE_NAME per iteration
+
+
+def test_checkpoint_benchmark_times_sync_and_async_saves_and_cleans_up(tmp_path):
+    result = tmp_path / "result.json"
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "checkpoint.py"), "--repeats", "1", "--width", "128",
+         "--dir", str(tmp_path), "--json", str(result)],
+        capture_output=True, text=True, timeout=300, check=True,
+    ).stdout
+    assert "async stall / sync save" in out and "async stall / bare copy" in out
+    import json
+
+    data = json.loads(result.read_text())
+    assert len(data["rows"]) == 1 and data["first"]["sync_s"] > 0 and data["first"]["async_write_s"] > 0
+    assert abs(data["stall_vs_sync"] - data["rows"][0]["async_stall_s"] / data["rows"][0]["sync_s"]) < 1e-9
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]  # the checkpoint folder is gone

@@ -32,8 +32,8 @@ def _kill() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-_save, _tag, _atomic_save = (checkpointer_module.Checkpointer.save, checkpointer_module.Checkpointer.tag_last_checkpoint,
-                             checkpointer_module.atomic_save)
+_save, _tag = checkpointer_module.Checkpointer.save, checkpointer_module.Checkpointer.tag_last_checkpoint
+_atomic_save = checkpointer_module.atomic_save
 _snapshot = checkpointer_module.snapshot_to_host
 _saving = [""]
 

@@ -140,7 +140,8 @@ def test_torchrun_restarts_killed_workers_and_ends_bit_exact(tmp_path, torchrun)
         os.kill(pid, signal.SIGKILL)
     assert run.wait(240) == 0, run.log.read_text()[-3000:]
     log = run.log.read_text()
-    resumed = [line for line in log.splitlines() if "Resuming from iteration" in line or "starting from scratch" in line]
+    resumed = [line for line in log.splitlines()
+               if "Resuming from iteration" in line or "starting from scratch" in line]
     assert len(resumed) == 3 and "Resuming" in resumed[1] and "Resuming" in resumed[2], resumed
     assert _without_timings(read_metrics(out)) == _without_timings(read_metrics(straight))
     for tag in ("total_loss", "lr"):

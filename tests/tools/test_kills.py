@@ -124,8 +124,8 @@ def test_twenty_sigkills_inside_async_saves_resume_to_the_uninterrupted_end(tmp_
     random.Random(15).shuffle(moments)
     plan = [f"{m}:model_{20 * k + 19:07d}.pth" for k, m in enumerate(moments)] + ["inside_save:model_final.pth"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    killed = subprocess.run([sys.executable, "tests/tools/kill_at.py", "--each", ",".join(plan), "--resume", *args,
-                             "SOLVER.CHECKPOINT_ASYNC", "True", "OUTPUT_DIR", str(out)],
+    killed = subprocess.run([sys.executable, "tests/tools/kill_at.py", "--each", ",".join(plan), "--resume",
+                             *args, "SOLVER.CHECKPOINT_ASYNC", "True", "OUTPUT_DIR", str(out)],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     runs = [json.loads(line) for line in killed.stdout.splitlines() if line.startswith('{"pair"')]
     assert [r["pair"] for r in runs] == plan, killed.stderr[-3000:]

@@ -69,7 +69,9 @@ _C.SOLVER.CHECKPOINT_PERIOD = 5000
 # not write are never deleted); 0 keeps them all.
 _C.SOLVER.CHECKPOINT_MAX_TO_KEEP = 0
 # trainkit: write periodic and final checkpoints in a background thread; training stalls only while the state
-# is copied to host memory (docs/checkpoints.md, "Async saves").
+# is copied to host memory (docs/checkpoints.md, "Async saves"). Off by default: on a CPU-only host the writer
+# slows the steps it overlaps by about as much as the stall it saves, and it keeps one extra copy of the state
+# in RAM; turn it on when the step runs on a GPU (benchmarks/README.md, checkpoint.py).
 _C.SOLVER.CHECKPOINT_ASYNC = False
 _C.SOLVER.IMS_PER_BATCH = 16
 _C.SOLVER.REFERENCE_WORLD_SIZE = 0

@@ -277,9 +277,9 @@ class DefaultTrainer(TrainerBase):
     The default hooks, in order: IterationTimer, LRScheduler, EvalHook (``TEST.EVAL_PERIOD`` and after the
     last iteration), PeriodicWriter (``SOLVER.LOG_PERIOD``; main process only), PeriodicCheckpointer
     (``SOLVER.CHECKPOINT_PERIOD``; in the background with ``SOLVER.CHECKPOINT_ASYNC``), PreemptionHandler
-    (SIGTERM/SIGINT: finish the step, save, stop). The last three stay last when more hooks are registered, so the writers write everything the iteration put, and a
-    checkpoint taken at an evaluation iteration holds the state of the hooks that reacted to that evaluation
-    (best checkpoint, early stopping) and comes after that iteration's metrics lines. (detectron2 checkpoints
+    (SIGTERM/SIGINT: finish the step, save, stop). The last three stay last when more hooks are registered, so
+    the writers write everything the iteration put, and a checkpoint taken at an evaluation iteration holds the
+    state of the hooks that reacted to that evaluation (best checkpoint, early stopping) and comes after that iteration's metrics lines. (detectron2 checkpoints
     before evaluating; a resumed run then forgets the evaluation made at the checkpoint's iteration.)
 
     Checkpoints hold the model, the optimizer, the LR scheduler, the grad scaler, the iteration, every hook's
