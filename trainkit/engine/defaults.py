@@ -279,8 +279,9 @@ class DefaultTrainer(TrainerBase):
     (``SOLVER.CHECKPOINT_PERIOD``; in the background with ``SOLVER.CHECKPOINT_ASYNC``), PreemptionHandler
     (SIGTERM/SIGINT: finish the step, save, stop). The last three stay last when more hooks are registered, so
     the writers write everything the iteration put, and a checkpoint taken at an evaluation iteration holds the
-    state of the hooks that reacted to that evaluation (best checkpoint, early stopping) and comes after that iteration's metrics lines. (detectron2 checkpoints
-    before evaluating; a resumed run then forgets the evaluation made at the checkpoint's iteration.)
+    state of the hooks that reacted to that evaluation (best checkpoint, early stopping) and comes after that
+    iteration's metrics lines. (detectron2 checkpoints before evaluating; a resumed run then forgets the
+    evaluation made at the checkpoint's iteration.)
 
     Checkpoints hold the model, the optimizer, the LR scheduler, the grad scaler, the iteration, every hook's
     state, the training data seed and the RNG states of every process: a resumed run continues exactly.
