@@ -188,6 +188,9 @@ class Checkpointer:
         are logged. A file without a ``"model"`` entry whose values are all tensors (``torch.save(
         model.state_dict())``) loads as model weights.
 
+        A sharded checkpoint folder (of an FSDP run, see :mod:`trainkit.checkpoint.sharded`) loads its full
+        model weights and plain extra data only; the trainer's state stays in the folder.
+
         Args:
             path: checkpoint file. Empty: log a warning, load nothing and return ``{}``.
             checkpointables: names of the checkpointables to restore; None restores all of them, ``[]`` only
@@ -207,7 +210,12 @@ class Checkpointer:
             return {}
         names = self._checked_names(checkpointables)
         logger.info("Loading checkpoint from %s", path)
-        data = _with_model_entry(load_checkpoint_file(path), path)
+        if os.path.isdir(path):  # a sharded (FSDP) checkpoint folder: its full weights, for this plain model
+            from .sharded import load_sharded_as_file_data
+
+            data = load_sharded_as_file_data(path)
+        else:
+            data = _with_model_entry(load_checkpoint_file(path), path)
         load_model_state_dict(self.model, data.pop("model"), source=path)
         loaded = ["model"]
         for key in names:
@@ -243,7 +251,7 @@ class Checkpointer:
         """
         if resume and self.has_checkpoint():
             last = self.get_checkpoint_file()
-            if not os.path.isfile(last):
+            if not os.path.exists(last):  # a file, or the folder of a sharded checkpoint
                 raise FileNotFoundError(
                     f"Cannot resume: {os.path.join(self.save_dir, _TAG_FILE)} names '{last}', which does not "
                     "exist. Restore that file, point the tag at another checkpoint in the folder, or delete "
