@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
@@ -258,7 +258,7 @@ class ShardedCheckpointer(Checkpointer):
         writer = FileSystemWriter(tmp)
         logger.info("Saving sharded checkpoint to %s%s", final, "" if blocking else " (in the background)")
         if blocking:
-            dcp.save(tensors, storage_writer=writer)
+            dcp.save(tensors, storage_writer=writer, no_dist=not _is_distributed())
             self._publish(rest, tmp, final, tag)
             _barrier()  # every process returns with the checkpoint published
         else:
@@ -266,7 +266,9 @@ class ShardedCheckpointer(Checkpointer):
                 # A group of its own, so that the background save's collectives never interleave with the
                 # training's on the default group.
                 self._async_group = dist.new_group(backend="gloo")
-            future = dcp.async_save(tensors, storage_writer=writer, process_group=self._async_group)
+            future = dcp.async_save(
+                tensors, storage_writer=writer, process_group=self._async_group, no_dist=not _is_distributed()
+            )
             published = threading.Event() if self.save_to_disk else None
             if published is not None:
                 rest = copy.deepcopy(rest)  # training goes on and changes the objects these states refer to
@@ -417,12 +419,13 @@ def _remove_unfinished_saves(save_dir: str) -> None:
 
 
 def _dcp_load(state_dict: Dict[str, Any], path: str) -> None:
+    read_metadata(path)  # refuses a planted pickle with its own error, before DCP wraps errors in its own
     try:
         dcp.load(state_dict, storage_reader=_SafeReader(path), planner=_TensorsOnlyPlanner(),
                  no_dist=not _is_distributed())
     except UnsafeCheckpointError:
         raise
-    except RuntimeError as e:
+    except (RuntimeError, CheckpointException) as e:
         raise CheckpointError(f"Could not load the sharded checkpoint '{path}' into this model: {e}") from e
 
 
