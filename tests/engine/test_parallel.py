@@ -142,6 +142,8 @@ def test_wrap_policy_default_is_every_child_with_parameters_and_a_typo_is_an_err
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.Sequential(torch.nn.Linear(2, 2)))
     assert fsdp_blocks(model) == [model[0], model[2]]
     assert fsdp_blocks(model, ["Sequential"]) == [model[2]]
+    stack = torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)]))
+    assert fsdp_blocks(stack) == list(stack[0])  # a ModuleList has no forward: its layers are the blocks
     with pytest.raises(ValueError, match=r"names \['Linaer'\].*Linear"):
         fsdp_blocks(model, ["Linaer"])
     assert create_fsdp_model(model) is model and not is_fsdp_model(model)  # no process group: left as it is

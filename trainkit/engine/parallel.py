@@ -28,13 +28,14 @@ def fsdp_blocks(model: nn.Module, wrap_classes: Sequence[str] = ()) -> List[nn.M
         model: the root module.
         wrap_classes: class names (``type(m).__name__``); every submodule of one of these classes is a block,
             outermost first (a block inside a block is not listed again). Empty: every direct child of the
-            root that holds parameters.
+            root that holds parameters (the children of a ``ModuleList``/``ModuleDict`` child, which has no
+            forward of its own).
 
     Raises:
         ValueError: a name in ``wrap_classes`` matches no submodule (a typo would silently shard nothing).
     """
     if not wrap_classes:
-        return [child for child in model.children() if any(True for _ in child.parameters())]
+        return _children_with_parameters(model)
     wanted = set(wrap_classes)
     blocks: List[nn.Module] = []
     prefixes: List[str] = []
@@ -52,6 +53,17 @@ def fsdp_blocks(model: nn.Module, wrap_classes: Sequence[str] = ()) -> List[nn.M
             f"MODEL.FSDP.WRAP_CLASSES names {missing}, but the model has no submodule of that class. Its classes: "
             f"{present}. Fix the names, or leave the list empty to shard every child of the root."
         )
+    return blocks
+
+
+def _children_with_parameters(module: nn.Module) -> List[nn.Module]:
+    # A ModuleList/ModuleDict has no forward of its own (fully_shard refuses it): its children are the blocks.
+    blocks: List[nn.Module] = []
+    for child in module.children():
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            blocks += _children_with_parameters(child)
+        elif any(True for _ in child.parameters()):
+            blocks.append(child)
     return blocks
 
 
