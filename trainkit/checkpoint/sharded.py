@@ -31,8 +31,10 @@ import os
 import pickle
 import shutil
 import threading
+import warnings
 from concurrent.futures import Future
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -186,6 +188,14 @@ def _is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+@contextmanager
+def _one_process_is_meant() -> Iterator[None]:
+    # Without a process group DCP warns on every call that it assumes one process; here that is the intent.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def _barrier() -> None:
     if _is_distributed():
         dist.barrier()
@@ -258,7 +268,8 @@ class ShardedCheckpointer(Checkpointer):
         writer = FileSystemWriter(tmp)
         logger.info("Saving sharded checkpoint to %s%s", final, "" if blocking else " (in the background)")
         if blocking:
-            dcp.save(tensors, storage_writer=writer, no_dist=not _is_distributed())
+            with _one_process_is_meant():
+                dcp.save(tensors, storage_writer=writer, no_dist=not _is_distributed())
             self._publish(rest, tmp, final, tag)
             _barrier()  # every process returns with the checkpoint published
         else:
@@ -266,9 +277,10 @@ class ShardedCheckpointer(Checkpointer):
                 # A group of its own, so that the background save's collectives never interleave with the
                 # training's on the default group.
                 self._async_group = dist.new_group(backend="gloo")
-            future = dcp.async_save(
-                tensors, storage_writer=writer, process_group=self._async_group, no_dist=not _is_distributed()
-            )
+            with _one_process_is_meant():
+                future = dcp.async_save(
+                    tensors, storage_writer=writer, process_group=self._async_group, no_dist=not _is_distributed()
+                )
             published = threading.Event() if self.save_to_disk else None
             if published is not None:
                 rest = copy.deepcopy(rest)  # training goes on and changes the objects these states refer to
@@ -421,8 +433,9 @@ def _remove_unfinished_saves(save_dir: str) -> None:
 def _dcp_load(state_dict: Dict[str, Any], path: str) -> None:
     read_metadata(path)  # refuses a planted pickle with its own error, before DCP wraps errors in its own
     try:
-        dcp.load(state_dict, storage_reader=_SafeReader(path), planner=_TensorsOnlyPlanner(),
-                 no_dist=not _is_distributed())
+        with _one_process_is_meant():
+            dcp.load(state_dict, storage_reader=_SafeReader(path), planner=_TensorsOnlyPlanner(),
+                     no_dist=not _is_distributed())
     except UnsafeCheckpointError:
         raise
     except (RuntimeError, CheckpointException) as e:
@@ -442,7 +455,8 @@ def load_sharded_model_state_dict(path: str) -> Dict[str, torch.Tensor]:
         for fqn, md in metadata.state_dict_metadata.items()
         if fqn.startswith("model.") and isinstance(md, TensorStorageMetadata)
     }
-    dcp.load(template, storage_reader=_SafeReader(path), planner=_TensorsOnlyPlanner(), no_dist=True)
+    with _one_process_is_meant():
+        dcp.load(template, storage_reader=_SafeReader(path), planner=_TensorsOnlyPlanner(), no_dist=True)
     return {fqn[len("model."):]: tensor for fqn, tensor in template.items()}
 
 
