@@ -67,7 +67,7 @@ def _train(cfg, resume=False):
 
 def _worker(root: str) -> None:
     torch.set_num_threads(1)
-    _train(_cfg(os.path.join(root, "sgd"), "SGD"))
+    _train(_cfg(os.path.join(root, "sgd"), "SGD", "SOLVER.CHECKPOINT_MAX_TO_KEEP", 1))
     _train(_cfg(os.path.join(root, "adamw"), "AdamW", "SOLVER.CHECKPOINT_ASYNC", True))
     resumed = os.path.join(root, "resumed")
     if comm.is_main_process():  # a run that stopped after iteration 9
@@ -101,6 +101,10 @@ def test_fsdp_run_matches_the_single_process_run_with_total_norm_clipping(root, 
     assert fsdp["weights"].keys() == single["weights"].keys()
     for name, weight in single["weights"].items():
         torch.testing.assert_close(fsdp["weights"][name], weight, rtol=0, atol=1e-6, msg=name)
+
+
+def test_max_to_keep_deletes_the_old_checkpoint_folders(root):
+    assert sorted(p.name for p in (root / "sgd").iterdir() if p.is_dir()) == ["model_0000019", "model_final"]
 
 
 def test_sharded_checkpoint_resumes_bit_exact_on_two_processes(root):
@@ -151,7 +155,6 @@ def test_wrap_policy_default_is_every_child_with_parameters_and_a_typo_is_an_err
 
 @pytest.mark.parametrize("opts, named", [
     (("SOLVER.AMP.ENABLED", True, "SOLVER.AMP.PRECISION", "float16"), "SOLVER.AMP.PRECISION float16"),
-    (("SOLVER.CHECKPOINT_MAX_TO_KEEP", 2), "SOLVER.CHECKPOINT_MAX_TO_KEEP"),
 ])
 def test_unsupported_settings_are_refused_before_the_run(tmp_path, opts, named):
     with pytest.raises(NotImplementedError, match=named):

@@ -118,6 +118,14 @@ class Checkpointer:
             self.tag_last_checkpoint(basename)
         return path
 
+    def checkpoint_basename(self, name: str) -> str:
+        """The name of what :meth:`save` writes for ``name`` in ``save_dir``: the file ``{name}.pth``."""
+        return f"{name}.pth"
+
+    def delete_checkpoint(self, path: str) -> None:
+        """Deletes a checkpoint that :meth:`save` wrote (a file here; a folder for sharded checkpoints)."""
+        os.remove(path)
+
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         """Atomically point ``{save_dir}/last_checkpoint`` at ``last_filename_basename``."""
         if not self.save_dir or not self.save_to_disk:
@@ -333,8 +341,9 @@ class PeriodicCheckpointer:
         extra = {"iteration": iteration, **kwargs}
         if (iteration + 1) % self.period == 0:
             name = f"{self.file_prefix}_{iteration:07d}"
-            if f"{name}.pth" not in self._written:
-                self._written.append(f"{name}.pth")  # before the save, so that the file records itself
+            written = self.checkpointer.checkpoint_basename(name)
+            if written not in self._written:
+                self._written.append(written)  # before the save, so that the file records itself
             self.checkpointer.save(name, **extra)
             if self.max_to_keep is not None:
                 self._delete_old_checkpoints()
@@ -364,7 +373,7 @@ class PeriodicCheckpointer:
                 self._written.insert(0, name)  # still the resume point: deleted once it is not
                 continue
             try:
-                os.remove(path)
+                self.checkpointer.delete_checkpoint(path)
             except FileNotFoundError:
                 continue
             logger.info("Deleted old checkpoint %s (max_to_keep=%d)", path, self.max_to_keep)

@@ -350,6 +350,16 @@ class ShardedCheckpointer(Checkpointer):
             raise CheckpointError(f"The background checkpoint save failed: {error}") from error
 
     # --------------------------------------------------------------------------------------- finding
+    def checkpoint_basename(self, name: str) -> str:
+        """The folder :meth:`save` writes for ``name``: ``{name}``."""
+        return name
+
+    def delete_checkpoint(self, path: str) -> None:
+        """Deletes a checkpoint folder (rank 0; for ``max_to_keep``)."""
+        if not os.path.isdir(path):
+            raise FileNotFoundError(path)
+        shutil.rmtree(path)
+
     def get_all_checkpoint_files(self) -> List[str]:
         """The complete checkpoint folders in ``save_dir``, sorted by name (unfinished saves excluded)."""
         if not self.save_dir or not os.path.isdir(self.save_dir):

@@ -99,8 +99,6 @@ def _check_fsdp_support(cfg: Any) -> None:
     if cfg.SOLVER.AMP.ENABLED and cfg.SOLVER.AMP.PRECISION == "float16":
         unsupported.append("SOLVER.AMP.PRECISION float16 (its GradScaler does not handle sharded gradients; use "
                            "bfloat16)")
-    if cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP:
-        unsupported.append("SOLVER.CHECKPOINT_MAX_TO_KEEP > 0 (deleting old checkpoint folders; set it to 0)")
     if cfg.get("MODEL_EMA") is not None and cfg.MODEL_EMA.get("ENABLED", False):
         unsupported.append("MODEL_EMA.ENABLED (EMA of sharded parameters; set it to False)")
     if unsupported:
