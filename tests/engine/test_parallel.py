@@ -5,7 +5,8 @@ One launch() does the work (spawning costs seconds) and writes each run's full w
 * ``sgd`` and ``adamw``: 20 iterations with total-norm gradient clipping that clips every step; compared here
   with the single-process (unsharded) run over the same 16-sample global batch;
 * ``adamw`` saves its checkpoints in the background (``SOLVER.CHECKPOINT_ASYNC``, DCP's ``async_save``);
-  ``resumed`` starts from its iteration-9 sharded folder in a fresh OUTPUT_DIR and must end bit-exact.
+  ``resumed`` starts from its iteration-9 sharded folder in a fresh OUTPUT_DIR and must end bit-exact, and so
+  must ``preempted``, stopped by a SIGTERM to rank 1 (PreemptionHandler) and resumed in its own folder.
 
 Then, in this process: the 2-process checkpoint resumes into a 1-process FSDP trainer (a 1-rank gloo group),
 and loads into a plain model, through ``load_sharded_into_plain``, ``Checkpointer.load`` of the folder and a
@@ -13,6 +14,7 @@ converted single ``.pth`` file.
 """
 import os
 import shutil
+import signal
 from datetime import timedelta
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from trainkit.checkpoint import Checkpointer
 from trainkit.checkpoint.sharded import convert_to_file, load_sharded_into_plain
 from trainkit.config import get_cfg
-from trainkit.engine import DefaultTrainer, launch
+from trainkit.engine import DefaultTrainer, HookBase, launch
 from trainkit.engine.parallel import create_fsdp_model, fsdp_blocks, is_fsdp_model
 from trainkit.modeling import build_model
 from trainkit.utils import comm
@@ -52,9 +54,18 @@ def _full_weights(model):
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def _train(cfg, resume=False):
+class _SigtermOnRank1(HookBase):
+    """A preemption notice to one process: rank 1 gets SIGTERM after iteration 5."""
+
+    def after_step(self):
+        if self.trainer.iter == 5 and comm.get_rank() == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _train(cfg, resume=False, hooks=()):
     seed_all_rng(cfg.SEED + comm.get_rank())  # what default_setup does
     trainer = DefaultTrainer(cfg)
+    trainer.register_hooks(hooks)
     trainer.resume_or_load(resume=resume)
     trainer.train()
     weights = _full_weights(trainer.model)
@@ -76,6 +87,12 @@ def _worker(root: str) -> None:
         Path(resumed, "last_checkpoint").write_text("model_0000009")
     comm.synchronize()
     _train(_cfg(resumed, "AdamW", "SOLVER.CHECKPOINT_ASYNC", True), resume=True)
+    # Preempted: the processes agree at iteration 9 (LOG_PERIOD 5), save model_0000009 again over the periodic
+    # one, and stop; the resumed run must end where the uninterrupted one did.
+    preempted = _cfg(os.path.join(root, "preempted"), "AdamW", "SOLVER.CHECKPOINT_ASYNC", True)
+    stopped = _train(preempted, hooks=[_SigtermOnRank1()])
+    assert stopped.iter == 10 and stopped.stop_reason is not None
+    _train(preempted, resume=True)
 
 
 def _result(root: Path, run: str):
@@ -107,8 +124,9 @@ def test_max_to_keep_deletes_the_old_checkpoint_folders(root):
     assert sorted(p.name for p in (root / "sgd").iterdir() if p.is_dir()) == ["model_0000019", "model_final"]
 
 
-def test_sharded_checkpoint_resumes_bit_exact_on_two_processes(root):
-    resumed, uninterrupted = _result(root, "resumed"), _result(root, "adamw")
+@pytest.mark.parametrize("run", ["resumed", "preempted"])
+def test_sharded_checkpoint_resumes_bit_exact_on_two_processes(root, run):
+    resumed, uninterrupted = _result(root, run), _result(root, "adamw")
     assert resumed["start_iter"] == 10 and uninterrupted["start_iter"] == 0
     for name, weight in uninterrupted["weights"].items():
         assert torch.equal(resumed["weights"][name], weight), name
