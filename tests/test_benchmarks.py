@@ -56,7 +56,8 @@ def test_instruction_counts_per_iteration_come_from_the_difference_of_two_runs(t
 
 def test_fsdp_memory_benchmark_prints_both_variants_for_both_ranks_and_their_ratio():
     out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "fsdp_memory.py"), "--blocks", "2", "--width", "256", "--iters", "1"],
+        [sys.executable, str(ROOT / "benchmarks" / "fsdp_memory.py"), "--blocks", "2", "--width", "256",
+         "--iters", "1"],
         capture_output=True, text=True, timeout=300, check=True,
     ).stdout
     rows = [line.split() for line in out.splitlines() if line.startswith(("ddp ", "fsdp "))]

@@ -135,7 +135,9 @@ def test_sharded_checkpoint_resumes_bit_exact_on_two_processes(root, run):
 def test_two_process_checkpoint_loads_into_one_fsdp_process_and_into_a_plain_model(root, tmp_path):
     final = _result(root, "adamw")["weights"]
     folder = str(root / "adamw" / "model_final")
-    # One process with FSDP (a 1-rank group): resharded from 2 shards to 1, with the optimizer and trainer.
+    converted = convert_to_file(folder, str(tmp_path / "model_final.pth"))
+    # One process with FSDP (a 1-rank group): resharded from 2 shards to 1, with the optimizer and trainer;
+    # and the converted file as MODEL.WEIGHTS of a new FSDP run.
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         shutil.copytree(folder, tmp_path / "one" / "model_final")
@@ -146,16 +148,19 @@ def test_two_process_checkpoint_loads_into_one_fsdp_process_and_into_a_plain_mod
         assert is_fsdp_model(trainer.model) and trainer.start_iter == 20
         assert trainer.optimizer.state_dict()["state"]  # the AdamW moments came back
         loaded = _full_weights(trainer.model)
+        from_file = DefaultTrainer(_cfg(str(tmp_path / "two"), "AdamW", "MODEL.WEIGHTS", converted))
+        from_file.resume_or_load(resume=False)
+        assert from_file.start_iter == 0
+        loaded_from_file = _full_weights(from_file.model)
     finally:
         dist.destroy_process_group()
     plain, converted_model, via_checkpointer = (build_model(cfg) for _ in range(3))
     assert load_sharded_into_plain(plain, folder) == {"iteration": 19}
-    converted = convert_to_file(folder, str(tmp_path / "model_final.pth"))
     Checkpointer(converted_model).load(converted)
     Checkpointer(via_checkpointer).load(folder)
     file_weights = torch.load(converted, weights_only=True)["model"]
     for name, weight in final.items():
-        for model_weights in (loaded, plain.state_dict(), converted_model.state_dict(),
+        for model_weights in (loaded, loaded_from_file, plain.state_dict(), converted_model.state_dict(),
                               via_checkpointer.state_dict(), file_weights):
             assert torch.equal(model_weights[name], weight), name
 

@@ -244,9 +244,9 @@ class ShardedCheckpointer(Checkpointer):
         Args:
             name: folder name, e.g. ``"model_0000999"``.
             tag: point ``last_checkpoint`` at it once it is complete.
-            blocking: None: ``not async_save``. False returns once the state is copied to memory (DCP's ``async_save``); the files are
+            blocking: False returns once the state is copied to memory (DCP's ``async_save``); the files are
                 written in the background, and rank 0 publishes the folder and the tag when every rank is
-                done. The next save, load or :meth:`wait` waits for it.
+                done. The next save, load or :meth:`wait` waits for it. None: ``not async_save``.
             **extra: more plain data to store (``iteration=999``), in ``extra.pth``.
 
         Returns:
