@@ -8,6 +8,8 @@ the folder holds, as a resumed run would read it.
 import os
 import pickle
 import signal
+import subprocess
+import sys
 from datetime import timedelta
 
 import pytest
@@ -108,3 +110,39 @@ def test_a_planted_metadata_pickle_is_refused_and_runs_nothing(tmp_path):
     with pytest.raises(dcp.CheckpointException):  # after os.system ran and returned 0 instead of metadata
         dcp.load({"model": _mlp().state_dict()}, checkpoint_id=str(folder), no_dist=True)
     assert marker.exists()
+
+
+_RESAVE_AND_DIE = """
+import os, signal, sys, torch
+from torch import nn
+from trainkit.checkpoint import sharded
+torch.manual_seed(0)
+model = nn.Linear(3, 2)
+checkpointer = sharded.ShardedCheckpointer(model, sys.argv[1])
+checkpointer.save("model_0000009", iteration=9)
+torch.save(model.state_dict(), sys.argv[2])
+with torch.no_grad():
+    model.weight.add_(1.0)
+rmtree = sharded.shutil.rmtree
+def die_after_moving_aside(path, *args, **kwargs):
+    rmtree(path, *args, **kwargs)
+    if os.path.basename(path) == "model_0000009":  # the tagged folder is gone, the new one not yet in place
+        os.kill(os.getpid(), signal.SIGKILL)
+sharded.shutil.rmtree = die_after_moving_aside
+checkpointer.save("model_0000009", iteration=9)  # a preemption at a periodic iteration saves the name again
+"""
+
+
+def test_a_kill_while_a_tagged_checkpoint_is_saved_again_leaves_the_tag_on_a_complete_folder(tmp_path):
+    save_dir, expected = tmp_path / "output", tmp_path / "expected.pth"
+    proc = subprocess.run([sys.executable, "-c", _RESAVE_AND_DIE, str(save_dir), str(expected)], timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (save_dir / "model_0000009").exists()
+    model = nn.Linear(3, 2)
+    checkpointer = ShardedCheckpointer(model, str(save_dir))
+    assert checkpointer.resume_or_load("", resume=True) == {"iteration": 9}
+    for name, weight in torch.load(expected, weights_only=True).items():
+        assert torch.equal(model.state_dict()[name], weight), name
+    checkpointer.save("model_0000009", iteration=9)  # the next save keeps what the tag names until it is replaced
+    assert (save_dir / "last_checkpoint").read_text() == "model_0000009"
+    assert sorted(os.listdir(save_dir)) == ["last_checkpoint", "model_0000009"]

@@ -263,7 +263,7 @@ class ShardedCheckpointer(Checkpointer):
         tmp = os.path.join(self.save_dir, f".{name}{TEMP_SUFFIX}")
         if self.save_to_disk:
             os.makedirs(self.save_dir, exist_ok=True)
-            _remove_unfinished_saves(self.save_dir)
+            _remove_unfinished_saves(self.save_dir, keep=self._tagged_name())
         _barrier()  # the unfinished folders are gone before anyone writes into the new one
         writer = FileSystemWriter(tmp)
         logger.info("Saving sharded checkpoint to %s%s", final, "" if blocking else " (in the background)")
@@ -311,14 +311,38 @@ class ShardedCheckpointer(Checkpointer):
             return
         atomic_save(rest, os.path.join(tmp, EXTRA_FILE))
         _fsync_dir(tmp)
-        if os.path.exists(final):  # saving a name again (model_final): the old folder goes first
-            old = os.path.join(self.save_dir, f".{os.path.basename(final)}.old{TEMP_SUFFIX}")
-            os.replace(final, old)
-            shutil.rmtree(old)
+        name = os.path.basename(final)
+        old = os.path.join(self.save_dir, f".{name}.old{TEMP_SUFFIX}")
+        # The tag moves to the new folder when asked, or when it named the old one (moved aside just now, or
+        # by a save of this name that was killed while replacing it).
+        retag = tag or self._tagged_name() == os.path.basename(old)
+        if os.path.exists(final):  # saving a name again (a preemption at a periodic iteration, model_best)
+            retag = self._move_aside(final, old) or retag
         os.replace(tmp, final)
         _fsync_dir(self.save_dir)
-        if tag:
-            self.tag_last_checkpoint(os.path.basename(final))
+        if retag:
+            self.tag_last_checkpoint(name)
+        if os.path.exists(old):
+            shutil.rmtree(old)
+
+    def _move_aside(self, final: str, old: str) -> bool:
+        # Replaces a folder that the tag may name, so that the tag names a complete folder at every moment: a
+        # hard-linked copy of it first (no data is copied), the tag to the copy, then the folder goes. Returns
+        # whether the tag named it.
+        shutil.rmtree(old, ignore_errors=True)
+        shutil.copytree(final, old, copy_function=os.link)
+        _fsync_dir(self.save_dir)
+        tagged = self._tagged_name() == os.path.basename(final)
+        if tagged:
+            self.tag_last_checkpoint(os.path.basename(old))
+        shutil.rmtree(final)
+        return tagged
+
+    def _tagged_name(self) -> str:
+        try:
+            return os.path.basename(self.get_checkpoint_file())
+        except CheckpointError:
+            return ""
 
     def _publish_when_done(
         self, future: Future, rest: Dict[str, Any], tmp: str, final: str, tag: bool, published: threading.Event
@@ -432,10 +456,11 @@ class ShardedCheckpointer(Checkpointer):
         return self.load(path, checkpointables=[])
 
 
-def _remove_unfinished_saves(save_dir: str) -> None:
+def _remove_unfinished_saves(save_dir: str, keep: str) -> None:
+    # Every hidden temporary folder but ``keep``: the tag names a moved-aside folder after a kill mid-replace.
     for name in os.listdir(save_dir):
         path = os.path.join(save_dir, name)
-        if name.startswith(".") and name.endswith(TEMP_SUFFIX) and os.path.isdir(path):
+        if name.startswith(".") and name.endswith(TEMP_SUFFIX) and os.path.isdir(path) and name != keep:
             shutil.rmtree(path, ignore_errors=True)
             logger.info("Removed %s, left by a save that did not finish.", path)
 
