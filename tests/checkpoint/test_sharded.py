@@ -20,7 +20,7 @@ from torch import nn
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from trainkit.checkpoint import Checkpointer, UnsafeCheckpointError
+from trainkit.checkpoint import CheckpointError, Checkpointer, UnsafeCheckpointError
 from trainkit.checkpoint.sharded import ShardedCheckpointer, load_sharded_into_plain, read_metadata
 from trainkit.engine import launch
 from trainkit.engine.parallel import create_fsdp_model
@@ -146,3 +146,9 @@ def test_a_kill_while_a_tagged_checkpoint_is_saved_again_leaves_the_tag_on_a_com
     checkpointer.save("model_0000009", iteration=9)  # the next save keeps what the tag names until it is replaced
     assert (save_dir / "last_checkpoint").read_text() == "model_0000009"
     assert sorted(os.listdir(save_dir)) == ["last_checkpoint", "model_0000009"]
+
+
+def test_resuming_a_sharded_run_from_a_single_file_checkpoint_says_what_to_do(tmp_path):
+    Checkpointer(_mlp(), str(tmp_path)).save("model_0000009")
+    with pytest.raises(CheckpointError, match="single-file checkpoint of an unsharded run.*MODEL.WEIGHTS"):
+        ShardedCheckpointer(_mlp(), str(tmp_path)).resume_or_load("", resume=True)

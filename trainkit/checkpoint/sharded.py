@@ -446,6 +446,12 @@ class ShardedCheckpointer(Checkpointer):
         """As :meth:`Checkpointer.resume_or_load`, for checkpoint folders."""
         if resume and self.has_checkpoint():
             last = self.get_checkpoint_file()
+            if os.path.isfile(last):
+                raise CheckpointError(
+                    f"Cannot resume a sharded (MODEL.PARALLEL fsdp) run from {last}: it is a single-file checkpoint "
+                    "of an unsharded run. Start a new run from its weights (MODEL.WEIGHTS with a new OUTPUT_DIR, "
+                    "without --resume), or resume it with MODEL.PARALLEL ddp."
+                )
             if not is_sharded_checkpoint(last):
                 raise FileNotFoundError(
                     f"Cannot resume: {os.path.join(self.save_dir, _TAG_FILE)} names '{last}', which is not a "
