@@ -52,3 +52,17 @@ def test_instruction_counts_per_iteration_come_from_the_difference_of_two_runs(t
     assert totals[0]["Ir"] > 1_000_000  # the interpreter's start-up
     per_iter = instructions.per_iteration(totals[0], totals[1], 20000)["Ir"]
     assert 5 < per_iter < 500  # one FOR_ITER and one STORE_NAME per iteration
+
+
+def test_fsdp_memory_benchmark_prints_both_variants_for_both_ranks_and_their_ratio():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "fsdp_memory.py"), "--blocks", "2", "--width", "256",
+         "--iters", "1"],
+        capture_output=True, text=True, timeout=300, check=True,
+    ).stdout
+    rows = [line.split() for line in out.splitlines() if line.startswith(("ddp ", "fsdp "))]
+    assert [(r[0], r[1]) for r in rows] == [("ddp", "0"), ("ddp", "1"), ("fsdp", "0"), ("fsdp", "1")]
+    held = {r[0]: float(r[3]) for r in rows}
+    assert held["fsdp"] < held["ddp"]  # the shard is what an FSDP process holds by design
+    assert "ratio fsdp/ddp (largest rank): " in out
+

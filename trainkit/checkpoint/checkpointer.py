@@ -118,6 +118,14 @@ class Checkpointer:
             self.tag_last_checkpoint(basename)
         return path
 
+    def checkpoint_basename(self, name: str) -> str:
+        """The name of what :meth:`save` writes for ``name`` in ``save_dir``: the file ``{name}.pth``."""
+        return f"{name}.pth"
+
+    def delete_checkpoint(self, path: str) -> None:
+        """Deletes a checkpoint that :meth:`save` wrote (a file here; a folder for sharded checkpoints)."""
+        os.remove(path)
+
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         """Atomically point ``{save_dir}/last_checkpoint`` at ``last_filename_basename``."""
         if not self.save_dir or not self.save_to_disk:
@@ -188,6 +196,9 @@ class Checkpointer:
         are logged. A file without a ``"model"`` entry whose values are all tensors (``torch.save(
         model.state_dict())``) loads as model weights.
 
+        A sharded checkpoint folder (of an FSDP run, see :mod:`trainkit.checkpoint.sharded`) loads its full
+        model weights and plain extra data only; the trainer's state stays in the folder.
+
         Args:
             path: checkpoint file. Empty: log a warning, load nothing and return ``{}``.
             checkpointables: names of the checkpointables to restore; None restores all of them, ``[]`` only
@@ -207,7 +218,12 @@ class Checkpointer:
             return {}
         names = self._checked_names(checkpointables)
         logger.info("Loading checkpoint from %s", path)
-        data = _with_model_entry(load_checkpoint_file(path), path)
+        if os.path.isdir(path):  # a sharded (FSDP) checkpoint folder: its full weights, for this plain model
+            from .sharded import load_sharded_as_file_data
+
+            data = load_sharded_as_file_data(path)
+        else:
+            data = _with_model_entry(load_checkpoint_file(path), path)
         load_model_state_dict(self.model, data.pop("model"), source=path)
         loaded = ["model"]
         for key in names:
@@ -243,7 +259,7 @@ class Checkpointer:
         """
         if resume and self.has_checkpoint():
             last = self.get_checkpoint_file()
-            if not os.path.isfile(last):
+            if not os.path.exists(last):  # a file, or the folder of a sharded checkpoint
                 raise FileNotFoundError(
                     f"Cannot resume: {os.path.join(self.save_dir, _TAG_FILE)} names '{last}', which does not "
                     "exist. Restore that file, point the tag at another checkpoint in the folder, or delete "
@@ -325,8 +341,9 @@ class PeriodicCheckpointer:
         extra = {"iteration": iteration, **kwargs}
         if (iteration + 1) % self.period == 0:
             name = f"{self.file_prefix}_{iteration:07d}"
-            if f"{name}.pth" not in self._written:
-                self._written.append(f"{name}.pth")  # before the save, so that the file records itself
+            written = self.checkpointer.checkpoint_basename(name)
+            if written not in self._written:
+                self._written.append(written)  # before the save, so that the file records itself
             self.checkpointer.save(name, **extra)
             if self.max_to_keep is not None:
                 self._delete_old_checkpoints()
@@ -356,7 +373,7 @@ class PeriodicCheckpointer:
                 self._written.insert(0, name)  # still the resume point: deleted once it is not
                 continue
             try:
-                os.remove(path)
+                self.checkpointer.delete_checkpoint(path)
             except FileNotFoundError:
                 continue
             logger.info("Deleted old checkpoint %s (max_to_keep=%d)", path, self.max_to_keep)

@@ -18,6 +18,14 @@ _C.MODEL.WEIGHTS = ""
 _C.MODEL.META_ARCHITECTURE = "MLPClassifier"
 # trainkit: number of classes of the built-in classifiers.
 _C.MODEL.NUM_CLASSES = 10
+# trainkit: how several processes train: "ddp" (DistributedDataParallel: every process holds the whole model) or
+# "fsdp" (torch's fully_shard: each process holds a shard of the parameters, gradients and optimizer state;
+# checkpoints become sharded folders). See docs/distributed.md.
+_C.MODEL.PARALLEL = "ddp"
+_C.MODEL.FSDP = _YacsNode()
+# trainkit: class names of the submodules that fully_shard shards on their own (then the root); empty: every
+# child of the root module that holds parameters.
+_C.MODEL.FSDP.WRAP_CLASSES = []
 # trainkit: the built-in MLPClassifier. Inputs are flattened to IN_FEATURES values.
 _C.MODEL.MLP = _YacsNode()
 _C.MODEL.MLP.IN_FEATURES = 64
@@ -68,6 +76,9 @@ _C.SOLVER.CHECKPOINT_PERIOD = 5000
 # trainkit: keep only the newest N periodic checkpoints that the run wrote (model_final and files the run did
 # not write are never deleted); 0 keeps them all.
 _C.SOLVER.CHECKPOINT_MAX_TO_KEEP = 0
+# trainkit: save checkpoints in the background (training stalls only for an in-memory copy); with
+# MODEL.PARALLEL fsdp this is torch.distributed.checkpoint.async_save.
+_C.SOLVER.CHECKPOINT_ASYNC = False
 _C.SOLVER.IMS_PER_BATCH = 16
 _C.SOLVER.REFERENCE_WORLD_SIZE = 0
 _C.SOLVER.BIAS_LR_FACTOR = 1.0

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from trainkit.checkpoint import Checkpointer, CheckpointError
+from trainkit.checkpoint.sharded import ShardedCheckpointer
 from trainkit.config import CfgNode
 from trainkit.config.checks import check_config_values
 from trainkit.config.resume import check_resumed_config
@@ -28,6 +29,7 @@ from trainkit.data import (
     set_train_loader_start,
 )
 from trainkit.engine import hooks
+from trainkit.engine.parallel import check_equal_batches, create_fsdp_model, is_fsdp_model
 from trainkit.engine.train_loop import AMPTrainer, HookBase, SimpleTrainer, TrainerBase
 from trainkit.evaluation import ClassificationEvaluator, DatasetEvaluator, inference_on_dataset, print_csv_format
 from trainkit.modeling import build_model
@@ -305,9 +307,16 @@ class DefaultTrainer(TrainerBase):
         self.cfg = cfg
 
         model = self.build_model(cfg)
+        self._sharded = cfg.MODEL.PARALLEL == "fsdp"
+        if self._sharded:
+            model = create_fsdp_model(
+                model, wrap_classes=cfg.MODEL.FSDP.WRAP_CLASSES, **_fsdp_precision(cfg.SOLVER.AMP)
+            )
+        # After sharding: the optimizer holds the sharded parameters (DDP does not replace them).
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
-        model = create_ddp_model(model, broadcast_buffers=False)
+        if not self._sharded:
+            model = create_ddp_model(model, broadcast_buffers=False)
         trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
         kwargs: Dict[str, Any] = {"gather_metric_period": cfg.SOLVER.LOG_PERIOD}
         if cfg.SOLVER.AMP.ENABLED:
@@ -317,9 +326,15 @@ class DefaultTrainer(TrainerBase):
         super().__init__()  # after the inner trainer exists: the loop's state is set on it
 
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = Checkpointer(
-            model, cfg.OUTPUT_DIR, save_to_disk=comm.is_main_process(), trainer=weakref.proxy(self)
-        )
+        if self._sharded:  # every process writes its shards; the optimizer is saved by parameter name
+            self.checkpointer: Checkpointer = ShardedCheckpointer(
+                model, cfg.OUTPUT_DIR, optimizer=optimizer, async_save=cfg.SOLVER.CHECKPOINT_ASYNC,
+                trainer=weakref.proxy(self),
+            )
+        else:
+            self.checkpointer = Checkpointer(
+                model, cfg.OUTPUT_DIR, save_to_disk=comm.is_main_process(), trainer=weakref.proxy(self)
+            )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self._last_eval_results: Optional[Dict[str, Any]] = None
@@ -419,13 +434,19 @@ class DefaultTrainer(TrainerBase):
         try:
             self._trainer.after_train()  # writes the metrics still pending; may find a non-finite loss
         finally:
-            super().after_train()
+            try:
+                super().after_train()
+            finally:
+                if self._sharded:
+                    self.checkpointer.wait()  # a background save of the last checkpoint is published
 
     # ---- state ---------------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         ret = super().state_dict()
         ret["_trainer"] = self._trainer.state_dict()
         ret["_trainer"].pop("storage", None)  # the same storage as this trainer's, saved above
+        if self._sharded:
+            del ret["_trainer"]["optimizer"]  # sharded: the ShardedCheckpointer saves it beside the model
         # Every rank's RNG state: the rest of the run consumes them (dropout, augmentation in the main process).
         ret["rng"] = comm.all_gather(get_rng_state())
         ret["data_seed"] = get_train_loader_seed(self.data_loader)
@@ -436,7 +457,11 @@ class DefaultTrainer(TrainerBase):
         if "config" in state_dict:  # before anything is restored: a refused change leaves this trainer as it was
             check_resumed_config(state_dict["config"], self.cfg.dump(), self.checkpointer.get_checkpoint_file())
         super().load_state_dict(state_dict)
-        self._trainer.load_state_dict(state_dict["_trainer"])
+        trainer_state = state_dict["_trainer"]
+        if self._sharded and "optimizer" not in trainer_state:
+            # The ShardedCheckpointer has already restored the optimizer from the shards.
+            trainer_state = {**trainer_state, "optimizer": self.optimizer.state_dict()}
+        self._trainer.load_state_dict(trainer_state)
         self._restored_state = True
         saved_seed, seed = state_dict.get("data_seed"), get_train_loader_seed(self.data_loader)
         if saved_seed is not None and saved_seed != seed:
@@ -557,6 +582,8 @@ class DefaultTrainer(TrainerBase):
         results: Dict[str, Any] = OrderedDict()
         for idx, dataset_name in enumerate(cfg.DATASETS.TEST):
             data_loader = cls.build_test_loader(cfg, dataset_name)
+            if is_fsdp_model(model):
+                check_equal_batches(data_loader, dataset_name)
             evaluator = evaluators[idx] if evaluators is not None else cls.build_evaluator(cfg, dataset_name)
             results_i = inference_on_dataset(model, data_loader, evaluator)
             results[dataset_name] = results_i
@@ -603,6 +630,13 @@ class DefaultTrainer(TrainerBase):
         if frozen:
             cfg.freeze()
         return cfg
+
+
+def _fsdp_precision(amp_cfg: CfgNode) -> Dict[str, Any]:
+    # FSDP's mixed precision from SOLVER.AMP: compute in the AMP dtype, reduce gradients in float32.
+    if not amp_cfg.ENABLED:
+        return {}
+    return {"param_dtype": _amp_dtype(amp_cfg.PRECISION), "reduce_dtype": torch.float32}
 
 
 def _amp_dtype(name: str) -> torch.dtype:
