@@ -53,14 +53,19 @@ def train(cfg, trainer_cls=DefaultTrainer, *, resume=False, extra_hooks=()):
     return trainer, results
 
 
+MEASUREMENTS = (
+    "time", "data_time", "eta_seconds", "memory/max_rss_mb", "memory/max_allocated_mb", "memory/max_reserved_mb"
+)
+
+
 def read_metrics(output_dir):
     with open(Path(output_dir) / "metrics.json") as f:
         return [json.loads(line) for line in f]
 
 
 def without_timings(metrics):
-    """The metrics.json lines without the wall-clock entries, which differ from run to run."""
-    return [{k: v for k, v in m.items() if k not in ("time", "data_time", "eta_seconds")} for m in metrics]
+    """The metrics.json lines without the wall-clock and memory entries, which differ from run to run."""
+    return [{k: v for k, v in m.items() if k not in MEASUREMENTS} for m in metrics]
 
 
 def weights(trainer):
@@ -177,13 +182,14 @@ def test_a_subclass_overrides_model_optimizer_and_evaluator_and_adds_a_hook(tmp_
 
 
 # ---- default hooks -------------------------------------------------------------------------------------------
-def test_default_hooks_are_timer_scheduler_eval_writer_checkpointer_preemption_in_that_order(tmp_path):
+def test_default_hooks_are_timer_scheduler_eval_memory_writer_checkpointer_preemption_in_that_order(tmp_path):
     # The writer before the checkpointing hooks: a checkpoint at a write iteration comes after that write.
     trainer = DefaultTrainer(digits_cfg(tmp_path))
     assert [type(h) for h in trainer._hooks] == [
         hooks.IterationTimer,
         hooks.LRScheduler,
         hooks.EvalHook,
+        hooks.TorchMemoryStats,
         hooks.PeriodicWriter,
         hooks.PeriodicCheckpointer,
         hooks.PreemptionHandler,

@@ -13,7 +13,10 @@ import torch
 from tests.tools.cli import CONFIG, REPO, SHORT_RUN, read_metrics, run_tool
 from trainkit.checkpoint.serialization import load_checkpoint_file
 
-TIMINGS = ("time", "data_time", "eta_seconds")
+# What a run measures (wall times, TorchMemoryStats' memory) differs from run to run.
+TIMINGS = (
+    "time", "data_time", "eta_seconds", "memory/max_rss_mb", "memory/max_allocated_mb", "memory/max_reserved_mb"
+)
 
 
 def _without_timings(metrics):
