@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.engine.test_defaults import CONSTANT_LR, assert_same_weights, digits_cfg, read_metrics, train, weights
+from tests.engine.test_defaults_ema import RecordingAtEvaluation
 from trainkit.data import build_train_loader
-from trainkit.engine import DefaultTrainer, SimpleTrainer, hooks
+from trainkit.engine import SimpleTrainer, hooks
 from trainkit.modeling import MODEL_REGISTRY
 
 
@@ -178,7 +179,7 @@ def test_precise_bn_with_too_short_a_loader_is_a_clear_error():
 
 
 @MODEL_REGISTRY.register()
-class BNClassifierOfTestStatsHooks(nn.Module):
+class DigitsBNClassifierOfTestStatsHooks(nn.Module):  # sorts between the built-ins (test_build lists them)
     """A digits classifier with a BatchNorm layer (and dropout after it, so training draws random numbers)."""
 
     def __init__(self, cfg):
@@ -194,19 +195,8 @@ class BNClassifierOfTestStatsHooks(nn.Module):
         return {"loss_cls": F.cross_entropy(logits, batch["label"])}
 
 
-BN_MODEL = ["MODEL.META_ARCHITECTURE", "BNClassifierOfTestStatsHooks", *CONSTANT_LR]
+BN_MODEL = ["MODEL.META_ARCHITECTURE", "DigitsBNClassifierOfTestStatsHooks", *CONSTANT_LR]
 PRECISE_BN = ["TEST.PRECISE_BN.ENABLED", "True", "TEST.PRECISE_BN.NUM_ITER", "4"]
-
-
-class RecordingAtEvaluation(DefaultTrainer):
-    """Remembers the model's state at each evaluation."""
-
-    seen = []
-
-    @classmethod
-    def test(cls, cfg, model, evaluators=None):
-        cls.seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-        return super().test(cfg, model, evaluators)
 
 
 def test_default_trainer_recomputes_the_bn_statistics_from_a_fresh_train_loader_before_each_evaluation(tmp_path):

@@ -35,16 +35,28 @@ def test_the_summary_prints_exact_counts_with_separators():
     assert lines[2] == "| model  |  1,001,000 | 1,001,000 |"
 
 
-def test_default_trainer_logs_the_summary_once_at_the_start(tmp_path, caplog, monkeypatch):
+class Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_default_trainer_logs_the_summary_once_at_the_start(tmp_path):
     from tests.engine.test_defaults import digits_cfg
     from trainkit.engine import DefaultTrainer
     from trainkit.utils.logger import setup_logger
 
-    setup_logger()
-    monkeypatch.setattr(logging.getLogger("trainkit"), "propagate", True)
-    caplog.set_level(logging.INFO, logger="trainkit")
-    DefaultTrainer(digits_cfg(tmp_path))
-    summaries = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Parameters per top-level")]
+    setup_logger()  # trainkit's loggers at INFO
+    collect = Collect()
+    logging.getLogger("trainkit").addHandler(collect)
+    try:
+        DefaultTrainer(digits_cfg(tmp_path))
+    finally:
+        logging.getLogger("trainkit").removeHandler(collect)
+    summaries = [m for m in collect.messages if m.startswith("Parameters per top-level")]
     assert summaries == [
         "Parameters per top-level module:\n"
         "| module | parameters | trainable |\n"

@@ -139,7 +139,9 @@ class PreciseBN(HookBase):
         if not isinstance(num_iter, int) or num_iter < 1:
             raise ValueError(f"PreciseBN num_iter must be an int >= 1 (batches), got {num_iter!r}.")
         if not isinstance(period, int) or period < 0:
-            raise ValueError(f"PreciseBN period must be an int >= 0 (0: only after the last iteration), got {period!r}.")
+            raise ValueError(
+                f"PreciseBN period must be an int >= 0 (0: only after the last iteration), got {period!r}."
+            )
         length = _len_or_none(data_loader)
         if length is not None and length < num_iter:
             raise ValueError(
