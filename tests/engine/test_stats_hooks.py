@@ -199,17 +199,23 @@ BN_MODEL = ["MODEL.META_ARCHITECTURE", "DigitsBNClassifierOfTestStatsHooks", *CO
 PRECISE_BN = ["TEST.PRECISE_BN.ENABLED", "True", "TEST.PRECISE_BN.NUM_ITER", "4"]
 
 
-def test_default_trainer_recomputes_the_bn_statistics_from_a_fresh_train_loader_before_each_evaluation(tmp_path):
-    cfg = digits_cfg(tmp_path, *BN_MODEL, *PRECISE_BN, "SOLVER.MAX_ITER", "20", "TEST.EVAL_PERIOD", "10")
+@pytest.mark.parametrize("ema", [False, True])
+def test_default_trainer_recomputes_the_bn_statistics_from_a_fresh_train_loader_before_each_evaluation(tmp_path, ema):
+    # With an EMA evaluated, the evaluated average carries the statistics recomputed for the raw weights.
+    opts = ["MODEL_EMA.ENABLED", str(ema), "MODEL_EMA.DECAY", "0.5"]
+    cfg = digits_cfg(tmp_path, *BN_MODEL, *PRECISE_BN, *opts, "SOLVER.MAX_ITER", "20", "TEST.EVAL_PERIOD", "10")
+    raw = {}
+    record = hooks.CallbackHook(after_step=lambda t: raw.update({t.iter: weights(t)}))
     RecordingAtEvaluation.seen = []
-    trainer, _ = train(cfg, RecordingAtEvaluation)
+    trainer, _ = train(cfg, RecordingAtEvaluation, extra_hooks=[record])
     kinds = [type(h) for h in trainer._hooks]
     assert kinds.index(hooks.PreciseBN) < kinds.index(hooks.EvalHook)
     assert len(RecordingAtEvaluation.seen) == 2  # after iterations 9 and 19
     first_batches = [b["image"].flatten(1) for b in itertools.islice(build_train_loader(cfg), 4)]
-    for state in RecordingAtEvaluation.seen:
+    for state, it in zip(RecordingAtEvaluation.seen, (9, 19)):
+        assert torch.equal(state["linear.weight"], raw[it]["linear.weight"]) is not ema
         with torch.no_grad():
-            features = torch.cat([F.linear(x, state["linear.weight"], state["linear.bias"]) for x in first_batches])
+            features = torch.cat([F.linear(x, raw[it]["linear.weight"], raw[it]["linear.bias"]) for x in first_batches])
         torch.testing.assert_close(state["bn.running_mean"], features.mean(0), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(state["bn.running_var"], features.var(0, unbiased=False), rtol=1e-5, atol=1e-5)
 
