@@ -137,3 +137,14 @@ def test_a_run_with_ema_interrupted_and_resumed_ends_with_the_same_raw_and_ema_w
 def test_an_out_of_range_ema_key_is_a_clear_error(tmp_path, key, value, shown):
     with pytest.raises(ValueError, match=f"{key} is {value}.*{re.escape(shown)}"):
         DefaultTrainer(ema_cfg(tmp_path, key, value))
+
+
+def test_ema_turned_on_at_a_resume_starts_from_the_resumed_weights(tmp_path):
+    first, _ = train(digits_cfg(tmp_path, "SOLVER.MAX_ITER", "10", *CONSTANT_LR))
+    # DECAY 1 keeps the average at its start, which must be the checkpoint's weights.
+    resumed, _ = train(
+        digits_cfg(tmp_path, "SOLVER.MAX_ITER", "15", "MODEL_EMA.ENABLED", "True", "MODEL_EMA.DECAY", "1.0", *CONSTANT_LR),
+        resume=True,
+    )
+    assert resumed.start_iter == 10 and ema_hook_of(resumed).ema.num_updates == 5
+    assert_same_weights(ema_hook_of(resumed).ema.weights(), weights(first))
