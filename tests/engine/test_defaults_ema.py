@@ -7,8 +7,9 @@ import re
 import pytest
 import torch
 
-from tests.engine.test_defaults import (
+from tests.engine.digits_runs import (
     CONSTANT_LR,
+    RecordingAtEvaluation,
     assert_same_weights,
     digits_cfg,
     read_metrics,
@@ -74,17 +75,6 @@ def test_the_ema_weights_equal_the_closed_form_ema_of_the_recorded_weights(tmp_p
     assert_same_weights(saved["weights"], ema.weights())
 
 
-class RecordingAtEvaluation(DefaultTrainer):
-    """Remembers the model's weights at each evaluation."""
-
-    seen = []
-
-    @classmethod
-    def test(cls, cfg, model, evaluators=None):
-        cls.seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-        return super().test(cfg, model, evaluators)
-
-
 def test_use_for_eval_evaluates_that_iterations_ema_and_training_continues_on_the_raw_weights(tmp_path):
     cfg = ema_cfg(tmp_path, "SOLVER.MAX_ITER", "20", "TEST.EVAL_PERIOD", "10")
     emas = {}
@@ -143,7 +133,9 @@ def test_ema_turned_on_at_a_resume_starts_from_the_resumed_weights(tmp_path):
     first, _ = train(digits_cfg(tmp_path, "SOLVER.MAX_ITER", "10", *CONSTANT_LR))
     # DECAY 1 keeps the average at its start, which must be the checkpoint's weights.
     resumed, _ = train(
-        digits_cfg(tmp_path, "SOLVER.MAX_ITER", "15", "MODEL_EMA.ENABLED", "True", "MODEL_EMA.DECAY", "1.0", *CONSTANT_LR),
+        digits_cfg(
+            tmp_path, "SOLVER.MAX_ITER", "15", "MODEL_EMA.ENABLED", "True", "MODEL_EMA.DECAY", "1.0", *CONSTANT_LR
+        ),
         resume=True,
     )
     assert resumed.start_iter == 10 and ema_hook_of(resumed).ema.num_updates == 5

@@ -11,8 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.engine.test_defaults import CONSTANT_LR, assert_same_weights, digits_cfg, read_metrics, train, weights
-from tests.engine.test_defaults_ema import RecordingAtEvaluation
+from tests.engine.digits_runs import (
+    CONSTANT_LR,
+    RecordingAtEvaluation,
+    assert_same_weights,
+    digits_cfg,
+    read_metrics,
+    train,
+    weights,
+)
 from trainkit.data import build_train_loader
 from trainkit.engine import SimpleTrainer, hooks
 from trainkit.modeling import MODEL_REGISTRY
@@ -179,7 +186,7 @@ def test_precise_bn_with_too_short_a_loader_is_a_clear_error():
 
 
 @MODEL_REGISTRY.register()
-class DigitsBNClassifierOfTestStatsHooks(nn.Module):  # sorts between the built-ins (test_build lists them)
+class DigitsBNClassifierOfTestStatsHooks(nn.Module):
     """A digits classifier with a BatchNorm layer (and dropout after it, so training draws random numbers)."""
 
     def __init__(self, cfg):

@@ -45,7 +45,7 @@ class Collect(logging.Handler):
 
 
 def test_default_trainer_logs_the_summary_once_at_the_start(tmp_path):
-    from tests.engine.test_defaults import digits_cfg
+    from tests.engine.digits_runs import digits_cfg
     from trainkit.engine import DefaultTrainer
     from trainkit.utils.logger import setup_logger
 

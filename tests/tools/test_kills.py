@@ -10,13 +10,11 @@ import sys
 import pytest
 import torch
 
+from tests.engine.digits_runs import MEASUREMENTS
 from tests.tools.cli import CONFIG, REPO, SHORT_RUN, read_metrics, run_tool
 from trainkit.checkpoint.serialization import load_checkpoint_file
 
-# What a run measures (wall times, TorchMemoryStats' memory) differs from run to run.
-TIMINGS = (
-    "time", "data_time", "eta_seconds", "memory/max_rss_mb", "memory/max_allocated_mb", "memory/max_reserved_mb"
-)
+TIMINGS = MEASUREMENTS  # what a run measures (wall times, memory) differs from run to run
 
 
 def _without_timings(metrics):
