@@ -96,9 +96,9 @@ def _batches(data_loader: Iterable[Any], num_iter: int) -> Iterator[Any]:
 def update_bn_stats_in_place(model: nn.Module, data_loader: Iterable[Any], num_iter: int) -> None:
     """fvcore's ``update_bn_stats``, with the new statistics written into the BatchNorm layers' own buffers.
 
-    fvcore assigns new tensors to ``running_mean`` / ``running_var``; whatever holds the old ones (a
-    DistributedDataParallel's buffer list, a compiled graph, an EMA's references) would keep stale values.
-    So the results are copied into the original tensors, which are put back.
+    fvcore assigns new tensors to ``running_mean`` / ``running_var``; whatever holds the old ones (the buffer
+    list of a DistributedDataParallel that broadcasts buffers, a compiled graph) would keep stale values. So the
+    results are copied into the original tensors, which are put back.
     """
     layers = get_bn_modules(model)
     originals = [(bn, bn.running_mean, bn.running_var) for bn in layers]
