@@ -56,6 +56,9 @@ _RANGES: List[Tuple[str, Callable[[Any], bool], str]] = [
     ("SOLVER.AMP.PRECISION", lambda v: v in ("float16", "bfloat16"), "'float16' or 'bfloat16'"),
     ("SOLVER.LOG_PERIOD", lambda v: v >= 1, "a number of iterations >= 1"),
     ("TEST.EVAL_PERIOD", lambda v: v >= 0, "a number of iterations >= 0 (0: only after the last iteration)"),
+    ("TEST.PRECISE_BN.NUM_ITER", lambda v: v >= 1, "a number of batches >= 1"),
+    ("MODEL_EMA.DECAY", lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1] (e.g. 0.999)"),
+    ("MODEL_EMA.WARMUP_ITERS", lambda v: v >= 0, "a number of updates >= 0 (0: no warm-up)"),
     ("DIST.TIMEOUT_S", lambda v: v > 0, "a number of seconds > 0"),
 ]
 

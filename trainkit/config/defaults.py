@@ -100,6 +100,23 @@ _C.SOLVER.LOG_PERIOD = 20
 
 _C.TEST = _YacsNode()
 _C.TEST.EVAL_PERIOD = 0
+# Recompute the BatchNorm statistics over NUM_ITER training batches before each evaluation (hooks.PreciseBN;
+# a no-op for a model without BatchNorm).
+_C.TEST.PRECISE_BN = _YacsNode()
+_C.TEST.PRECISE_BN.ENABLED = False
+_C.TEST.PRECISE_BN.NUM_ITER = 200
+
+# trainkit: an exponential moving average of the weights (hooks.EMAHook), updated after every optimizer step
+# and saved in checkpoints.
+_C.MODEL_EMA = _YacsNode()
+# trainkit: keep the average.
+_C.MODEL_EMA.ENABLED = False
+# trainkit: the weight of the old average in each update, in [0, 1].
+_C.MODEL_EMA.DECAY = 0.999
+# trainkit: updates over which the decay ramps up linearly from 0 to DECAY (0: no warm-up).
+_C.MODEL_EMA.WARMUP_ITERS = 0
+# trainkit: evaluate the averaged weights (training continues on the raw ones); False evaluates the raw ones.
+_C.MODEL_EMA.USE_FOR_EVAL = True
 
 # Distributed training: how long the processes wait to meet (and for each collective) before a clear error.
 _C.DIST = _YacsNode()

@@ -5,6 +5,7 @@ a subclass can override to change one part of the run and keep the rest. Nothing
 this module: only tools and users do.
 """
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -13,6 +14,7 @@ from collections import OrderedDict
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
+from fvcore.nn.precise_bn import get_bn_modules
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -32,7 +34,7 @@ from trainkit.engine import hooks
 from trainkit.engine.parallel import check_equal_batches, create_fsdp_model, is_fsdp_model
 from trainkit.engine.train_loop import AMPTrainer, HookBase, SimpleTrainer, TrainerBase
 from trainkit.evaluation import ClassificationEvaluator, DatasetEvaluator, inference_on_dataset, print_csv_format
-from trainkit.modeling import build_model
+from trainkit.modeling import build_model, parameter_summary
 from trainkit.solver import build_lr_scheduler, build_optimizer
 from trainkit.utils import comm
 from trainkit.utils.env import collect_env_info, get_rng_state, seed_all_rng, set_rng_state
@@ -276,8 +278,10 @@ class DefaultTrainer(TrainerBase):
     ``build_optimizer``, ``build_lr_scheduler``, ``build_train_loader``, ``build_test_loader``,
     ``build_evaluator``, ``build_hooks``, ``build_writers``).
 
-    The default hooks, in order: IterationTimer, LRScheduler, EvalHook (``TEST.EVAL_PERIOD`` and after the
-    last iteration), PeriodicWriter (``SOLVER.LOG_PERIOD``; main process only), PeriodicCheckpointer
+    The default hooks, in order: IterationTimer, LRScheduler, PreciseBN (with ``TEST.PRECISE_BN.ENABLED`` and
+    a BatchNorm layer), EMAHook (with ``MODEL_EMA.ENABLED``), EvalHook (``TEST.EVAL_PERIOD`` and after the last
+    iteration; on the EMA weights with ``MODEL_EMA.USE_FOR_EVAL``), TorchMemoryStats (``SOLVER.LOG_PERIOD``),
+    PeriodicWriter (``SOLVER.LOG_PERIOD``; main process only), PeriodicCheckpointer
     (``SOLVER.CHECKPOINT_PERIOD``), PreemptionHandler (SIGTERM/SIGINT: finish the step, save, stop). The last
     three stay last when more hooks are registered, so the writers write everything the iteration put, and a
     checkpoint taken at an evaluation iteration holds the state of the hooks that reacted to that evaluation
@@ -495,14 +499,30 @@ class DefaultTrainer(TrainerBase):
         cfg = self.cfg
         weak_self = weakref.proxy(self)  # the eval closure must not keep the trainer alive
 
+        ema = hooks.EMAHook(cfg.MODEL_EMA.DECAY, cfg.MODEL_EMA.WARMUP_ITERS) if cfg.MODEL_EMA.ENABLED else None
+        eval_ema = ema if cfg.MODEL_EMA.USE_FOR_EVAL else None
+
         def test_and_save_results() -> Dict[str, Any]:
-            weak_self._last_eval_results = weak_self.test(weak_self.cfg, weak_self.model)
+            # With MODEL_EMA.USE_FOR_EVAL the model holds the averaged weights for the evaluation only.
+            with eval_ema.ema.apply_to(weak_self.model) if eval_ema else contextlib.nullcontext():
+                weak_self._last_eval_results = weak_self.test(weak_self.cfg, weak_self.model)
             return weak_self._last_eval_results
 
+        precise_bn = None
+        if cfg.TEST.PRECISE_BN.ENABLED and get_bn_modules(self.model):
+            # A loader of its own: the training loader's stream must not skip the batches PreciseBN reads.
+            precise_bn = hooks.PreciseBN(
+                cfg.TEST.EVAL_PERIOD, self.model, self.build_train_loader(cfg), cfg.TEST.PRECISE_BN.NUM_ITER
+            )
         return [
             hooks.IterationTimer(),
             hooks.LRScheduler(),
+            # After the step, before the evaluation of the same iteration. PreciseBN before the EMA: the EMA
+            # copies the model's buffers, so an evaluated average gets the recomputed statistics too.
+            precise_bn,
+            ema,
             hooks.EvalHook(cfg.TEST.EVAL_PERIOD, test_and_save_results),
+            hooks.TorchMemoryStats(period=cfg.SOLVER.LOG_PERIOD),
             (
                 hooks.PeriodicWriter(self.build_writers(), period=cfg.SOLVER.LOG_PERIOD)
                 if comm.is_main_process()
@@ -520,9 +540,11 @@ class DefaultTrainer(TrainerBase):
 
     @classmethod
     def build_model(cls, cfg: CfgNode) -> nn.Module:
-        """``trainkit.modeling.build_model(cfg)``, and logs the model."""
+        """``trainkit.modeling.build_model(cfg)``, and logs the model and (main process) its parameter counts."""
         model = build_model(cfg)
         logger.info("Model:\n%s", model)
+        if comm.is_main_process():
+            logger.info("Parameters per top-level module:\n%s", parameter_summary(model))
         return model
 
     @classmethod
