@@ -68,3 +68,17 @@ def test_checkpoint_benchmark_times_sync_and_async_saves_and_cleans_up(tmp_path)
     assert len(data["rows"]) == 1 and data["first"]["sync_s"] > 0 and data["first"]["async_write_s"] > 0
     assert abs(data["stall_vs_sync"] - data["rows"][0]["async_stall_s"] / data["rows"][0]["sync_s"]) < 1e-9
     assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]  # the checkpoint folder is gone
+
+
+def test_fsdp_memory_benchmark_prints_both_variants_for_both_ranks_and_their_ratio():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "fsdp_memory.py"), "--blocks", "2", "--width", "256",
+         "--iters", "1"],
+        capture_output=True, text=True, timeout=300, check=True,
+    ).stdout
+    rows = [line.split() for line in out.splitlines() if line.startswith(("ddp ", "fsdp "))]
+    assert [(r[0], r[1]) for r in rows] == [("ddp", "0"), ("ddp", "1"), ("fsdp", "0"), ("fsdp", "1")]
+    held = {r[0]: float(r[3]) for r in rows}
+    assert held["fsdp"] < held["ddp"]  # the shard is what an FSDP process holds by design
+    assert "ratio fsdp/ddp (largest rank): " in out
+

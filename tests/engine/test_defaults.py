@@ -4,11 +4,9 @@ resume, and auto_scale_workers.
 Every run is short (20-50 iterations of the small MLP, no loader workers); runs that are compared bit for bit
 are seeded the way ``default_setup`` seeds them (``seed_all_rng(cfg.SEED)`` before the trainer is built).
 """
-import json
 import logging
 import random
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.engine.digits_runs import (
+    CONSTANT_LR,
+    assert_same_weights,
+    digits_cfg,
+    read_metrics,
+    train,
+    weights,
+    without_timings,
+)
 from tests.engine.test_hooks import FailAt
 from trainkit.config import get_cfg
 from trainkit.data import DatasetCatalog, MetadataCatalog, load_digits
@@ -24,54 +31,6 @@ from trainkit.evaluation import DatasetEvaluator, inference_on_dataset
 from trainkit.modeling import MODEL_REGISTRY
 from trainkit.utils.env import seed_all_rng
 from trainkit.utils.logger import setup_logger
-
-REPO = Path(__file__).resolve().parents[2]
-
-# A constant learning rate: the schedule then does not depend on MAX_ITER, so a run can be extended.
-CONSTANT_LR = ["SOLVER.LR_SCHEDULER_NAME", "WarmupMultiStepLR", "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "0"]
-
-
-def digits_cfg(output_dir, *opts):
-    """configs/digits/mlp.yaml, shortened: 40 iterations, writes every 10, checkpoints every 20, no periodic eval."""
-    cfg = get_cfg()
-    cfg.merge_from_file(str(REPO / "configs" / "digits" / "mlp.yaml"))
-    cfg.merge_from_list(
-        ["SOLVER.MAX_ITER", "40", "SOLVER.LOG_PERIOD", "10", "SOLVER.CHECKPOINT_PERIOD", "20",
-         "SOLVER.WARMUP_ITERS", "10", "TEST.EVAL_PERIOD", "0", "DATALOADER.NUM_WORKERS", "0",
-         "OUTPUT_DIR", str(output_dir), *opts]
-    )
-    return cfg
-
-
-def train(cfg, trainer_cls=DefaultTrainer, *, resume=False, extra_hooks=()):
-    """Seeds, builds the trainer, registers ``extra_hooks`` after the defaults, loads, trains."""
-    seed_all_rng(cfg.SEED)
-    trainer = trainer_cls(cfg)
-    trainer.register_hooks(list(extra_hooks))
-    trainer.resume_or_load(resume=resume)
-    results = trainer.train()
-    return trainer, results
-
-
-def read_metrics(output_dir):
-    with open(Path(output_dir) / "metrics.json") as f:
-        return [json.loads(line) for line in f]
-
-
-def without_timings(metrics):
-    """The metrics.json lines without the wall-clock entries, which differ from run to run."""
-    return [{k: v for k, v in m.items() if k not in ("time", "data_time", "eta_seconds")} for m in metrics]
-
-
-def weights(trainer):
-    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-
-
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert different == []
-
 
 @pytest.fixture
 def info_logs(caplog, monkeypatch):
@@ -177,13 +136,14 @@ def test_a_subclass_overrides_model_optimizer_and_evaluator_and_adds_a_hook(tmp_
 
 
 # ---- default hooks -------------------------------------------------------------------------------------------
-def test_default_hooks_are_timer_scheduler_eval_writer_checkpointer_preemption_in_that_order(tmp_path):
+def test_default_hooks_are_timer_scheduler_eval_memory_writer_checkpointer_preemption_in_that_order(tmp_path):
     # The writer before the checkpointing hooks: a checkpoint at a write iteration comes after that write.
     trainer = DefaultTrainer(digits_cfg(tmp_path))
     assert [type(h) for h in trainer._hooks] == [
         hooks.IterationTimer,
         hooks.LRScheduler,
         hooks.EvalHook,
+        hooks.TorchMemoryStats,
         hooks.PeriodicWriter,
         hooks.PeriodicCheckpointer,
         hooks.PreemptionHandler,

@@ -30,6 +30,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from tests.engine.digits_runs import MEASUREMENTS
 from tests.tools.cli import CONFIG, read_metrics, run_tool
 from trainkit.checkpoint import Checkpointer
 from trainkit.config import get_cfg
@@ -46,7 +47,7 @@ NUM_TEST_SAMPLES = 1000  # synthetic_test
 # evaluation at 9 (the losses gathered there are written with iteration 11's latest values).
 LOSS_ITERS = [3, 7, 11, 15, 19]
 METRICS_ITERS = [3, 7, 9, 11, 15, 19]
-TIMINGS = ("time", "data_time", "eta_seconds")
+TIMINGS = MEASUREMENTS  # what a run measures (wall times, memory) differs from run to run
 COLLECTIVE_TIMEOUT = timedelta(seconds=120)  # a deadlock fails the test in minutes, not in launch's default 30
 
 

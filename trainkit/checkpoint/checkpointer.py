@@ -163,6 +163,14 @@ class Checkpointer:
         """
         self._writer.wait()
 
+    def checkpoint_basename(self, name: str) -> str:
+        """The name of what :meth:`save` writes for ``name`` in ``save_dir``: the file ``{name}.pth``."""
+        return f"{name}.pth"
+
+    def delete_checkpoint(self, path: str) -> None:
+        """Deletes a checkpoint that :meth:`save` wrote (a file here; a folder for sharded checkpoints)."""
+        os.remove(path)
+
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         """Atomically point ``{save_dir}/last_checkpoint`` at ``last_filename_basename``."""
         if not self.save_dir or not self.save_to_disk:
@@ -233,6 +241,9 @@ class Checkpointer:
         are logged. A file without a ``"model"`` entry whose values are all tensors (``torch.save(
         model.state_dict())``) loads as model weights.
 
+        A sharded checkpoint folder (of an FSDP run, see :mod:`trainkit.checkpoint.sharded`) loads its full
+        model weights and plain extra data only; the trainer's state stays in the folder.
+
         Args:
             path: checkpoint file. Empty: log a warning, load nothing and return ``{}``.
             checkpointables: names of the checkpointables to restore; None restores all of them, ``[]`` only
@@ -252,7 +263,12 @@ class Checkpointer:
             return {}
         names = self._checked_names(checkpointables)
         logger.info("Loading checkpoint from %s", path)
-        data = _with_model_entry(load_checkpoint_file(path), path)
+        if os.path.isdir(path):  # a sharded (FSDP) checkpoint folder: its full weights, for this plain model
+            from .sharded import load_sharded_as_file_data
+
+            data = load_sharded_as_file_data(path)
+        else:
+            data = _with_model_entry(load_checkpoint_file(path), path)
         load_model_state_dict(self.model, data.pop("model"), source=path)
         loaded = ["model"]
         for key in names:
@@ -288,7 +304,7 @@ class Checkpointer:
         """
         if resume and self.has_checkpoint():
             last = self.get_checkpoint_file()
-            if not os.path.isfile(last):
+            if not os.path.exists(last):  # a file, or the folder of a sharded checkpoint
                 raise FileNotFoundError(
                     f"Cannot resume: {os.path.join(self.save_dir, _TAG_FILE)} names '{last}', which does not "
                     "exist. Restore that file, point the tag at another checkpoint in the folder, or delete "
@@ -375,10 +391,11 @@ class PeriodicCheckpointer:
         blocking = not self.async_save
         if (iteration + 1) % self.period == 0:
             name = f"{self.file_prefix}_{iteration:07d}"
+            written = self.checkpointer.checkpoint_basename(name)
             # A background save in flight may still be pruning self._written: let it finish first.
             self.checkpointer.wait()
-            if f"{name}.pth" not in self._written:
-                self._written.append(f"{name}.pth")  # before the save, so that the file records itself
+            if written not in self._written:
+                self._written.append(written)  # before the save, so that the file records itself
             prune = self._delete_old_checkpoints if self.max_to_keep is not None else None
             self.checkpointer.save(name, blocking=blocking, on_written=prune, **extra)
         if self.max_iter is not None and iteration >= self.max_iter - 1:
@@ -407,7 +424,7 @@ class PeriodicCheckpointer:
                 self._written.insert(0, name)  # still the resume point: deleted once it is not
                 continue
             try:
-                os.remove(path)
+                self.checkpointer.delete_checkpoint(path)
             except FileNotFoundError:
                 continue
             logger.info("Deleted old checkpoint %s (max_to_keep=%d)", path, self.max_to_keep)

@@ -23,6 +23,8 @@ _RANGES: List[Tuple[str, Callable[[Any], bool], str]] = [
     ("MODEL.MLP.IN_FEATURES", lambda v: v >= 1, "an int >= 1"),
     ("MODEL.MLP.HIDDEN_DIMS", lambda v: all(d >= 1 for d in v), "a list of ints >= 1"),
     ("MODEL.MLP.DROPOUT", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    ("MODEL.PARALLEL", lambda v: v in ("ddp", "fsdp"), "'ddp' or 'fsdp'"),
+    ("MODEL.FSDP.WRAP_CLASSES", lambda v: all(isinstance(c, str) and c for c in v), "a list of class names"),
     ("MODEL.CONVNET.IN_CHANNELS", lambda v: v >= 1, "an int >= 1"),
     ("MODEL.CONVNET.CHANNELS", lambda v: len(v) >= 1 and all(c >= 1 for c in v), "a non-empty list of ints >= 1"),
     ("MODEL.CONVNET.DROPOUT", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
@@ -48,12 +50,16 @@ _RANGES: List[Tuple[str, Callable[[Any], bool], str]] = [
     ("SOLVER.IMS_PER_BATCH", lambda v: v >= 1, "a batch size >= 1"),
     ("SOLVER.REFERENCE_WORLD_SIZE", lambda v: v >= 0, "a number of processes >= 0 (0: no scaling)"),
     ("SOLVER.BIAS_LR_FACTOR", lambda v: _number(v) and v >= 0, "a finite number >= 0"),
-    ("SOLVER.CLIP_GRADIENTS.CLIP_TYPE", lambda v: v in ("value", "norm"), "'value' or 'norm'"),
+    ("SOLVER.CLIP_GRADIENTS.CLIP_TYPE", lambda v: v in ("value", "norm", "full_model"),
+     "'value', 'norm' or 'full_model'"),
     ("SOLVER.CLIP_GRADIENTS.CLIP_VALUE", lambda v: _number(v) and v > 0, "a finite number > 0"),
     ("SOLVER.CLIP_GRADIENTS.NORM_TYPE", lambda v: v > 0, "a number > 0 (inf for the max norm)"),
     ("SOLVER.AMP.PRECISION", lambda v: v in ("float16", "bfloat16"), "'float16' or 'bfloat16'"),
     ("SOLVER.LOG_PERIOD", lambda v: v >= 1, "a number of iterations >= 1"),
     ("TEST.EVAL_PERIOD", lambda v: v >= 0, "a number of iterations >= 0 (0: only after the last iteration)"),
+    ("TEST.PRECISE_BN.NUM_ITER", lambda v: v >= 1, "a number of batches >= 1"),
+    ("MODEL_EMA.DECAY", lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1] (e.g. 0.999)"),
+    ("MODEL_EMA.WARMUP_ITERS", lambda v: v >= 0, "a number of updates >= 0 (0: no warm-up)"),
     ("DIST.TIMEOUT_S", lambda v: v > 0, "a number of seconds > 0"),
 ]
 
@@ -66,7 +72,10 @@ def _get(cfg: Any, key: str) -> Any:
 
 def check_config_values(cfg: Any) -> None:
     """Raises ``ValueError`` for the first built-in key whose value is out of its range; warns for the values
-    that train but are probably a mistake (a zero LR, steps or a warm-up past ``MAX_ITER``)."""
+    that train but are probably a mistake (a zero LR, steps or a warm-up past ``MAX_ITER``).
+
+    Raises ``NotImplementedError`` for ``MODEL.PARALLEL fsdp`` with a setting it does not support yet.
+    """
     for key, in_range, words in _RANGES:
         try:
             value = _get(cfg, key)
@@ -74,6 +83,8 @@ def check_config_values(cfg: Any) -> None:
             continue  # a config without this key (a user's own defaults)
         if not in_range(value):
             raise ValueError(f"Config key {key} is {value!r}, out of its range: it must be {words}.")
+    if cfg.get("MODEL", {}).get("PARALLEL") == "fsdp":
+        _check_fsdp_support(cfg)
     solver = cfg.SOLVER
     if solver.BASE_LR == 0:
         logger.warning("SOLVER.BASE_LR is 0: the weights will not change.")
@@ -84,3 +95,18 @@ def check_config_values(cfg: Any) -> None:
     if solver.WARMUP_ITERS > solver.MAX_ITER:
         logger.warning("SOLVER.WARMUP_ITERS (%d) is more than SOLVER.MAX_ITER (%d): training ends during warm-up.",
                        solver.WARMUP_ITERS, solver.MAX_ITER)
+
+
+def _check_fsdp_support(cfg: Any) -> None:
+    # What does not work with MODEL.PARALLEL fsdp yet: refused before anything runs, not mid-run.
+    unsupported = []
+    if cfg.SOLVER.AMP.ENABLED and cfg.SOLVER.AMP.PRECISION == "float16":
+        unsupported.append("SOLVER.AMP.PRECISION float16 (its GradScaler does not handle sharded gradients; use "
+                           "bfloat16)")
+    if cfg.get("MODEL_EMA") is not None and cfg.MODEL_EMA.get("ENABLED", False):
+        unsupported.append("MODEL_EMA.ENABLED (EMA of sharded parameters; set it to False)")
+    if unsupported:
+        raise NotImplementedError(
+            "MODEL.PARALLEL fsdp does not support yet: " + "; ".join(unsupported) + ". Change these keys, or use "
+            "MODEL.PARALLEL ddp."
+        )

@@ -18,6 +18,14 @@ _C.MODEL.WEIGHTS = ""
 _C.MODEL.META_ARCHITECTURE = "MLPClassifier"
 # trainkit: number of classes of the built-in classifiers.
 _C.MODEL.NUM_CLASSES = 10
+# trainkit: how several processes train: "ddp" (DistributedDataParallel: every process holds the whole model) or
+# "fsdp" (torch's fully_shard: each process holds a shard of the parameters, gradients and optimizer state;
+# checkpoints become sharded folders). See docs/distributed.md.
+_C.MODEL.PARALLEL = "ddp"
+_C.MODEL.FSDP = _YacsNode()
+# trainkit: class names of the submodules that fully_shard shards on their own (then the root); empty: every
+# child of the root module that holds parameters.
+_C.MODEL.FSDP.WRAP_CLASSES = []
 # trainkit: the built-in MLPClassifier. Inputs are flattened to IN_FEATURES values.
 _C.MODEL.MLP = _YacsNode()
 _C.MODEL.MLP.IN_FEATURES = 64
@@ -71,7 +79,8 @@ _C.SOLVER.CHECKPOINT_MAX_TO_KEEP = 0
 # trainkit: write periodic and final checkpoints in a background thread; training stalls only while the state
 # is copied to host memory (docs/checkpoints.md, "Async saves"). Off by default: on a CPU-only host the writer
 # slows the steps it overlaps by about as much as the stall it saves, and it keeps one extra copy of the state
-# in RAM; turn it on when the step runs on a GPU (benchmarks/README.md, checkpoint.py).
+# in RAM; turn it on when the step runs on a GPU (benchmarks/README.md, checkpoint.py). With MODEL.PARALLEL fsdp
+# this is torch.distributed.checkpoint.async_save.
 _C.SOLVER.CHECKPOINT_ASYNC = False
 _C.SOLVER.IMS_PER_BATCH = 16
 _C.SOLVER.REFERENCE_WORLD_SIZE = 0
@@ -94,6 +103,23 @@ _C.SOLVER.LOG_PERIOD = 20
 
 _C.TEST = _YacsNode()
 _C.TEST.EVAL_PERIOD = 0
+# Recompute the BatchNorm statistics over NUM_ITER training batches before each evaluation (hooks.PreciseBN;
+# a no-op for a model without BatchNorm).
+_C.TEST.PRECISE_BN = _YacsNode()
+_C.TEST.PRECISE_BN.ENABLED = False
+_C.TEST.PRECISE_BN.NUM_ITER = 200
+
+# trainkit: an exponential moving average of the weights (hooks.EMAHook), updated after every optimizer step
+# and saved in checkpoints.
+_C.MODEL_EMA = _YacsNode()
+# trainkit: keep the average.
+_C.MODEL_EMA.ENABLED = False
+# trainkit: the weight of the old average in each update, in [0, 1].
+_C.MODEL_EMA.DECAY = 0.999
+# trainkit: updates over which the decay ramps up linearly from 0 to DECAY (0: no warm-up).
+_C.MODEL_EMA.WARMUP_ITERS = 0
+# trainkit: evaluate the averaged weights (training continues on the raw ones); False evaluates the raw ones.
+_C.MODEL_EMA.USE_FOR_EVAL = True
 
 # Distributed training: how long the processes wait to meet (and for each collective) before a clear error.
 _C.DIST = _YacsNode()

@@ -40,6 +40,10 @@ _EFFECTS = {
     "is used (SEED < 0)",
     "MODEL.WEIGHTS": "no effect: resuming loads the checkpoint, not MODEL.WEIGHTS",
     "MODEL": "takes effect from the resumed iteration on",
+    "MODEL_EMA.ENABLED": "turned on, the average starts from the resumed weights; turned off, the checkpoint's "
+    "average is not loaded",
+    "MODEL_EMA.DECAY": "takes effect from the resumed iteration on (the average so far is the checkpoint's)",
+    "MODEL_EMA.WARMUP_ITERS": "takes effect from the resumed iteration on (the average so far is the checkpoint's)",
     "TEST": "takes effect from the resumed iteration on",
 }
 

@@ -2,6 +2,7 @@
 from . import hooks
 from .launch import launch
 from .train_loop import AMPTrainer, HookBase, SimpleTrainer, TrainerBase
+from .parallel import create_fsdp_model
 from .defaults import (
     DefaultTrainer,
     create_ddp_model,
@@ -19,6 +20,7 @@ __all__ = [
     "launch",
     "DefaultTrainer",
     "create_ddp_model",
+    "create_fsdp_model",
     "default_argument_parser",
     "default_setup",
     "default_writers",

@@ -5,6 +5,7 @@ a subclass can override to change one part of the run and keep the rest. Nothing
 this module: only tools and users do.
 """
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -13,10 +14,12 @@ from collections import OrderedDict
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
+from fvcore.nn.precise_bn import get_bn_modules
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from trainkit.checkpoint import Checkpointer, CheckpointError
+from trainkit.checkpoint.sharded import ShardedCheckpointer
 from trainkit.config import CfgNode
 from trainkit.config.checks import check_config_values
 from trainkit.config.resume import check_resumed_config
@@ -28,9 +31,10 @@ from trainkit.data import (
     set_train_loader_start,
 )
 from trainkit.engine import hooks
+from trainkit.engine.parallel import check_equal_batches, create_fsdp_model, is_fsdp_model
 from trainkit.engine.train_loop import AMPTrainer, HookBase, SimpleTrainer, TrainerBase
 from trainkit.evaluation import ClassificationEvaluator, DatasetEvaluator, inference_on_dataset, print_csv_format
-from trainkit.modeling import build_model
+from trainkit.modeling import build_model, parameter_summary
 from trainkit.solver import build_lr_scheduler, build_optimizer
 from trainkit.utils import comm
 from trainkit.utils.env import collect_env_info, get_rng_state, seed_all_rng, set_rng_state
@@ -274,14 +278,16 @@ class DefaultTrainer(TrainerBase):
     ``build_optimizer``, ``build_lr_scheduler``, ``build_train_loader``, ``build_test_loader``,
     ``build_evaluator``, ``build_hooks``, ``build_writers``).
 
-    The default hooks, in order: IterationTimer, LRScheduler, EvalHook (``TEST.EVAL_PERIOD`` and after the
-    last iteration), PeriodicWriter (``SOLVER.LOG_PERIOD``; main process only), PeriodicCheckpointer
+    The default hooks, in order: IterationTimer, LRScheduler, PreciseBN (with ``TEST.PRECISE_BN.ENABLED`` and
+    a BatchNorm layer), EMAHook (with ``MODEL_EMA.ENABLED``), EvalHook (``TEST.EVAL_PERIOD`` and after the last
+    iteration; on the EMA weights with ``MODEL_EMA.USE_FOR_EVAL``), TorchMemoryStats (``SOLVER.LOG_PERIOD``),
+    PeriodicWriter (``SOLVER.LOG_PERIOD``; main process only), PeriodicCheckpointer
     (``SOLVER.CHECKPOINT_PERIOD``; in the background with ``SOLVER.CHECKPOINT_ASYNC``), PreemptionHandler
-    (SIGTERM/SIGINT: finish the step, save, stop). The last three stay last when more hooks are registered, so
-    the writers write everything the iteration put, and a checkpoint taken at an evaluation iteration holds the
-    state of the hooks that reacted to that evaluation (best checkpoint, early stopping) and comes after that
-    iteration's metrics lines. (detectron2 checkpoints before evaluating; a resumed run then forgets the
-    evaluation made at the checkpoint's iteration.)
+    (SIGTERM/SIGINT: finish the step, save, stop). The last
+    three stay last when more hooks are registered, so the writers write everything the iteration put, and a
+    checkpoint taken at an evaluation iteration holds the state of the hooks that reacted to that evaluation
+    (best checkpoint, early stopping) and comes after that iteration's metrics lines. (detectron2 checkpoints
+    before evaluating; a resumed run then forgets the evaluation made at the checkpoint's iteration.)
 
     Checkpoints hold the model, the optimizer, the LR scheduler, the grad scaler, the iteration, every hook's
     state, the training data seed and the RNG states of every process: a resumed run continues exactly.
@@ -306,9 +312,16 @@ class DefaultTrainer(TrainerBase):
         self.cfg = cfg
 
         model = self.build_model(cfg)
+        self._sharded = cfg.MODEL.PARALLEL == "fsdp"
+        if self._sharded:
+            model = create_fsdp_model(
+                model, wrap_classes=cfg.MODEL.FSDP.WRAP_CLASSES, **_fsdp_precision(cfg.SOLVER.AMP)
+            )
+        # After sharding: the optimizer holds the sharded parameters (DDP does not replace them).
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
-        model = create_ddp_model(model, broadcast_buffers=False)
+        if not self._sharded:
+            model = create_ddp_model(model, broadcast_buffers=False)
         trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
         kwargs: Dict[str, Any] = {"gather_metric_period": cfg.SOLVER.LOG_PERIOD}
         if cfg.SOLVER.AMP.ENABLED:
@@ -318,9 +331,15 @@ class DefaultTrainer(TrainerBase):
         super().__init__()  # after the inner trainer exists: the loop's state is set on it
 
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = Checkpointer(
-            model, cfg.OUTPUT_DIR, save_to_disk=comm.is_main_process(), trainer=weakref.proxy(self)
-        )
+        if self._sharded:  # every process writes its shards; the optimizer is saved by parameter name
+            self.checkpointer: Checkpointer = ShardedCheckpointer(
+                model, cfg.OUTPUT_DIR, optimizer=optimizer, async_save=cfg.SOLVER.CHECKPOINT_ASYNC,
+                trainer=weakref.proxy(self),
+            )
+        else:
+            self.checkpointer = Checkpointer(
+                model, cfg.OUTPUT_DIR, save_to_disk=comm.is_main_process(), trainer=weakref.proxy(self)
+            )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self._last_eval_results: Optional[Dict[str, Any]] = None
@@ -420,13 +439,19 @@ class DefaultTrainer(TrainerBase):
         try:
             self._trainer.after_train()  # writes the metrics still pending; may find a non-finite loss
         finally:
-            super().after_train()
+            try:
+                super().after_train()
+            finally:
+                if self._sharded:
+                    self.checkpointer.wait()  # a background save of the last checkpoint is published
 
     # ---- state ---------------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         ret = super().state_dict()
         ret["_trainer"] = self._trainer.state_dict()
         ret["_trainer"].pop("storage", None)  # the same storage as this trainer's, saved above
+        if self._sharded:
+            del ret["_trainer"]["optimizer"]  # sharded: the ShardedCheckpointer saves it beside the model
         # Every rank's RNG state: the rest of the run consumes them (dropout, augmentation in the main process).
         ret["rng"] = comm.all_gather(get_rng_state())
         ret["data_seed"] = get_train_loader_seed(self.data_loader)
@@ -437,7 +462,11 @@ class DefaultTrainer(TrainerBase):
         if "config" in state_dict:  # before anything is restored: a refused change leaves this trainer as it was
             check_resumed_config(state_dict["config"], self.cfg.dump(), self.checkpointer.get_checkpoint_file())
         super().load_state_dict(state_dict)
-        self._trainer.load_state_dict(state_dict["_trainer"])
+        trainer_state = state_dict["_trainer"]
+        if self._sharded and "optimizer" not in trainer_state:
+            # The ShardedCheckpointer has already restored the optimizer from the shards.
+            trainer_state = {**trainer_state, "optimizer": self.optimizer.state_dict()}
+        self._trainer.load_state_dict(trainer_state)
         self._restored_state = True
         saved_seed, seed = state_dict.get("data_seed"), get_train_loader_seed(self.data_loader)
         if saved_seed is not None and saved_seed != seed:
@@ -471,14 +500,30 @@ class DefaultTrainer(TrainerBase):
         cfg = self.cfg
         weak_self = weakref.proxy(self)  # the eval closure must not keep the trainer alive
 
+        ema = hooks.EMAHook(cfg.MODEL_EMA.DECAY, cfg.MODEL_EMA.WARMUP_ITERS) if cfg.MODEL_EMA.ENABLED else None
+        eval_ema = ema if cfg.MODEL_EMA.USE_FOR_EVAL else None
+
         def test_and_save_results() -> Dict[str, Any]:
-            weak_self._last_eval_results = weak_self.test(weak_self.cfg, weak_self.model)
+            # With MODEL_EMA.USE_FOR_EVAL the model holds the averaged weights for the evaluation only.
+            with eval_ema.ema.apply_to(weak_self.model) if eval_ema else contextlib.nullcontext():
+                weak_self._last_eval_results = weak_self.test(weak_self.cfg, weak_self.model)
             return weak_self._last_eval_results
 
+        precise_bn = None
+        if cfg.TEST.PRECISE_BN.ENABLED and get_bn_modules(self.model):
+            # A loader of its own: the training loader's stream must not skip the batches PreciseBN reads.
+            precise_bn = hooks.PreciseBN(
+                cfg.TEST.EVAL_PERIOD, self.model, self.build_train_loader(cfg), cfg.TEST.PRECISE_BN.NUM_ITER
+            )
         return [
             hooks.IterationTimer(),
             hooks.LRScheduler(),
+            # After the step, before the evaluation of the same iteration. PreciseBN before the EMA: the EMA
+            # copies the model's buffers, so an evaluated average gets the recomputed statistics too.
+            precise_bn,
+            ema,
             hooks.EvalHook(cfg.TEST.EVAL_PERIOD, test_and_save_results),
+            hooks.TorchMemoryStats(period=cfg.SOLVER.LOG_PERIOD),
             (
                 hooks.PeriodicWriter(self.build_writers(), period=cfg.SOLVER.LOG_PERIOD)
                 if comm.is_main_process()
@@ -497,9 +542,11 @@ class DefaultTrainer(TrainerBase):
 
     @classmethod
     def build_model(cls, cfg: CfgNode) -> nn.Module:
-        """``trainkit.modeling.build_model(cfg)``, and logs the model."""
+        """``trainkit.modeling.build_model(cfg)``, and logs the model and (main process) its parameter counts."""
         model = build_model(cfg)
         logger.info("Model:\n%s", model)
+        if comm.is_main_process():
+            logger.info("Parameters per top-level module:\n%s", parameter_summary(model))
         return model
 
     @classmethod
@@ -559,6 +606,8 @@ class DefaultTrainer(TrainerBase):
         results: Dict[str, Any] = OrderedDict()
         for idx, dataset_name in enumerate(cfg.DATASETS.TEST):
             data_loader = cls.build_test_loader(cfg, dataset_name)
+            if is_fsdp_model(model):
+                check_equal_batches(data_loader, dataset_name)
             evaluator = evaluators[idx] if evaluators is not None else cls.build_evaluator(cfg, dataset_name)
             results_i = inference_on_dataset(model, data_loader, evaluator)
             results[dataset_name] = results_i
@@ -605,6 +654,13 @@ class DefaultTrainer(TrainerBase):
         if frozen:
             cfg.freeze()
         return cfg
+
+
+def _fsdp_precision(amp_cfg: CfgNode) -> Dict[str, Any]:
+    # FSDP's mixed precision from SOLVER.AMP: compute in the AMP dtype, reduce gradients in float32.
+    if not amp_cfg.ENABLED:
+        return {}
+    return {"param_dtype": _amp_dtype(amp_cfg.PRECISION), "reduce_dtype": torch.float32}
 
 
 def _amp_dtype(name: str) -> torch.dtype:

@@ -17,6 +17,7 @@ from trainkit.checkpoint import PeriodicCheckpointer as _PeriodicCheckpointer
 from trainkit.checkpoint.serialization import atomic_save, load_checkpoint_file
 from trainkit.engine.ema import EMAHook, ModelEMA
 from trainkit.engine.metric_hooks import BestCheckpointer, EarlyStopping
+from trainkit.engine.stats_hooks import PreciseBN, TorchMemoryStats
 from trainkit.engine.train_loop import HookBase
 from trainkit.evaluation.testing import flatten_results_dict
 from trainkit.utils import comm
@@ -37,6 +38,8 @@ __all__ = [
     "EMAHook",
     "ModelEMA",
     "TorchProfiler",
+    "TorchMemoryStats",
+    "PreciseBN",
 ]
 
 logger = logging.getLogger(__name__)

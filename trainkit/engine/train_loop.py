@@ -309,7 +309,7 @@ class SimpleTrainer(TrainerBase):
         self.after_backward()
 
         self.loss_log.record(self.iter, loss_dict, losses, data_time)
-        if losses.device.type == "cpu" and not math.isfinite(losses.detach()):
+        if losses.is_cpu and not math.isfinite(losses.item()):
             # Reading a CPU loss costs no device sync: stop in this iteration, before the optimizer step, as
             # detectron2 does. The flush puts the iterations before it and raises FloatingPointError. It stays on
             # this process: the others may not be at a flush now.
