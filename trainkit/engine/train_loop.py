@@ -334,9 +334,9 @@ class SimpleTrainer(TrainerBase):
             self.loss_log.flush()
 
     def _forward_backward(
-        self, first: bool, scale: Optional[float] = None
+        self, first: bool, accum: int = 1
     ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, float]:
-        # One (micro-)batch: data (timed), forward, backward of the summed losses (times ``scale``). The
+        # One (micro-)batch: data (timed), forward, backward of the summed losses (divided by ``accum``). The
         # gradients are zeroed at the first micro-batch of an optimizer step only, so that the others add up.
         start = perf_counter()
         data = next(self._data_loader_iter)
@@ -348,7 +348,7 @@ class SimpleTrainer(TrainerBase):
         losses = _sum_losses(loss_dict)
         if first and not self.zero_grad_before_forward:
             self.optimizer.zero_grad()
-        self.backward(losses if scale is None else losses * scale)
+        self.backward(losses if accum == 1 else losses / accum)
         return loss_dict, losses, data_time
 
     def _accumulate_gradients(self) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, float]:
@@ -359,7 +359,7 @@ class SimpleTrainer(TrainerBase):
         data_time = 0.0
         for i in range(k):
             with _no_gradient_sync(self.model) if i < k - 1 else contextlib.nullcontext():
-                loss_dict, _, micro_time = self._forward_backward(first=i == 0, scale=1.0 / k)
+                loss_dict, _, micro_time = self._forward_backward(first=i == 0, accum=k)
             data_time += micro_time
             for name, loss in loss_dict.items():
                 sums[name] = loss.detach() + sums[name] if name in sums else loss.detach()
