@@ -203,3 +203,17 @@ def test_a_batch_that_does_not_divide_into_the_micro_batches_is_an_error_at_star
 def test_grad_accum_steps_below_one_is_a_config_range_error(tmp_path):
     with pytest.raises(ValueError, match="SOLVER.GRAD_ACCUM_STEPS is 0, out of its range"):
         DefaultTrainer(digits_cfg(tmp_path, "SOLVER.GRAD_ACCUM_STEPS", "0"))
+
+
+def test_a_nan_loss_in_one_micro_batch_stops_its_iteration_before_the_optimizer_step():
+    micro = _batches(K * ITERS, MICRO)
+    micro[K * 2 + 1] = (torch.full((MICRO, 6), float("nan")), micro[K * 2 + 1][1])  # iteration 2, micro-batch 1
+    model = _TwoLosses()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    steps = []
+    optimizer.register_step_post_hook(lambda *_: steps.append(1))
+    trainer = SimpleTrainer(model, iter(micro), optimizer, gather_metric_period=20, grad_accum_steps=K)
+    with pytest.raises(FloatingPointError, match="iteration=2"):
+        trainer.train(0, ITERS)
+    assert len(steps) == 2 and all(torch.isfinite(p).all() for p in model.parameters())
+    assert [it for _, it in trainer.storage.history("total_loss").values()] == [0, 1]
