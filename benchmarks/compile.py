@@ -77,8 +77,8 @@ def main() -> None:
     print(f"{'workload':<8} {'compile s':>9} {'eager us/it':>12} {'compiled us/it':>15} {'ratio':>7} {'range':>13}")
     for workload in args.workloads.split(","):
         r = measure(workload, args.iters, args.repeats, args.mode, args.backend)
-        print(f"{workload:<8} {r['compile_s']:>9.1f} {r['eager_us_per_iter']:>12.1f} {r['compiled_us_per_iter']:>15.1f} "
-              f"{r['ratio']:>7.3f} {r['ratio_min']:>6.3f}-{r['ratio_max']:.3f}")
+        print(f"{workload:<8} {r['compile_s']:>9.1f} {r['eager_us_per_iter']:>12.1f} "
+              f"{r['compiled_us_per_iter']:>15.1f} {r['ratio']:>7.3f} {r['ratio_min']:>6.3f}-{r['ratio_max']:.3f}")
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ from torch.nn.parallel import DistributedDataParallel
 from trainkit.checkpoint import Checkpointer, PeriodicCheckpointer
 from trainkit.config import get_cfg
 from trainkit.data import build_test_loader, build_train_loader, set_train_loader_start
-from trainkit.engine import create_ddp_model, default_argument_parser, default_setup, default_writers, launch
-from trainkit.engine.compile import compile_model
+from trainkit.engine import (
+    compile_model, create_ddp_model, default_argument_parser, default_setup, default_writers, launch
+)
 from trainkit.evaluation import ClassificationEvaluator, inference_on_dataset, print_csv_format
 from trainkit.evaluation.testing import flatten_results_dict
 from trainkit.modeling import build_model

@@ -13,7 +13,10 @@ from typing import Any, Dict, Iterable, List, Mapping, Tuple
 import torch
 from torch import nn
 
-__all__ = ["unwrap_model", "strip_module_prefix", "strip_compile_prefix", "format_keys", "load_model_state_dict", "ModelLoadResult"]
+__all__ = [
+    "unwrap_model", "strip_module_prefix", "strip_compile_prefix", "format_keys", "load_model_state_dict",
+    "ModelLoadResult",
+]
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ _RANGES: List[Tuple[str, Callable[[Any], bool], str]] = [
     ("MODEL.CONVNET.CHANNELS", lambda v: len(v) >= 1 and all(c >= 1 for c in v), "a non-empty list of ints >= 1"),
     ("MODEL.CONVNET.DROPOUT", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
     ("MODEL.COMPILE_MODE", lambda v: v in _COMPILE_MODES, " or ".join(map(repr, _COMPILE_MODES))),
-    ("MODEL.COMPILE_BACKEND", lambda v: isinstance(v, str) and v != "", "a torch.compile backend name, e.g. 'inductor'"),
+    ("MODEL.COMPILE_BACKEND", lambda v: isinstance(v, str) and v != "", "a torch.compile backend, e.g. 'inductor'"),
     ("INPUT.AUGMENT.MAX_SHIFT", lambda v: v >= 0, "a number of pixels >= 0"),
     ("DATALOADER.NUM_WORKERS", lambda v: v >= 0, "a number of processes >= 0"),
     ("SOLVER.MAX_ITER", lambda v: v >= 1, "a number of iterations >= 1"),
