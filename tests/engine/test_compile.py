@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch._dynamo.utils import counters
 
-from tests.engine.test_defaults import digits_cfg, train, weights
+from tests.engine.digits_runs import digits_cfg, train, weights
 from trainkit.checkpoint import Checkpointer
 from trainkit.modeling import build_model
 

@@ -11,26 +11,12 @@ import time
 
 import pytest
 import torch
-from torch import nn
 
-from tests.engine.test_defaults import digits_cfg, train, weights
+from tests.engine.accumulation_parts import TwoMeanLosses
+from tests.engine.digits_runs import digits_cfg, train, weights
 from trainkit.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer
 
 MICRO, K, ITERS = 4, 3, 4  # micro-batch size, micro-batches per step, optimizer steps
-
-
-class _TwoLosses(nn.Module):
-    """Two losses, each a mean over the batch (so that accumulated micro-batch means equal the batch mean)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 2))
-
-    def forward(self, batch):
-        x, y = batch
-        out = self.net(x)
-        return {"loss_mse": ((out - y) ** 2).mean(), "loss_l1": 0.1 * (out - y).abs().mean()}
 
 
 def _batches(n, size):
@@ -52,7 +38,7 @@ class _CountSteps(HookBase):
 
 
 def _run(trainer_cls, data, k, **kwargs):
-    model = _TwoLosses()
+    model = TwoMeanLosses()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     steps = []
     optimizer.register_step_post_hook(lambda *_: steps.append(1))
@@ -104,13 +90,13 @@ def test_accumulation_draws_k_micro_batches_per_step_and_sums_their_data_time():
 def test_the_first_micro_batch_zeroes_the_gradients_and_the_others_add_to_them():
     # Gradients left over from before the step (a hook, a user's probe) must not leak into it.
     micro = _batches(K * ITERS, MICRO)
-    model = _TwoLosses()
+    model = TwoMeanLosses()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights stay: grads are comparable
     trainer = SimpleTrainer(model, iter(micro), optimizer, grad_accum_steps=K)
     for p in model.parameters():
         p.grad = torch.full_like(p, 100.0)
     trainer.train(0, 1)
-    reference = _TwoLosses()
+    reference = TwoMeanLosses()
     batch = _merged(micro, K)[0]
     sum(reference(batch).values()).backward()
     for p, q in zip(model.parameters(), reference.parameters()):
@@ -142,13 +128,13 @@ def test_the_float16_grad_scaler_steps_and_updates_once_per_optimizer_step():
 
 @pytest.mark.parametrize("k", [0, -1, 2.0])
 def test_grad_accum_steps_must_be_a_whole_number_of_at_least_one(k):
-    model = _TwoLosses()
+    model = TwoMeanLosses()
     with pytest.raises(ValueError, match="grad_accum_steps must be a whole number >= 1"):
         SimpleTrainer(model, [], torch.optim.SGD(model.parameters(), lr=0.1), grad_accum_steps=k)
 
 
 def test_micro_batches_that_return_other_loss_names_are_an_error():
-    class Changing(_TwoLosses):
+    class Changing(TwoMeanLosses):
         calls = 0
 
         def forward(self, batch):
@@ -208,7 +194,7 @@ def test_grad_accum_steps_below_one_is_a_config_range_error(tmp_path):
 def test_a_nan_loss_in_one_micro_batch_stops_its_iteration_before_the_optimizer_step():
     micro = _batches(K * ITERS, MICRO)
     micro[K * 2 + 1] = (torch.full((MICRO, 6), float("nan")), micro[K * 2 + 1][1])  # iteration 2, micro-batch 1
-    model = _TwoLosses()
+    model = TwoMeanLosses()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     steps = []
     optimizer.register_step_post_hook(lambda *_: steps.append(1))

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
-from tests.engine.test_grad_accum import _TwoLosses, _merged
+from tests.engine.accumulation_parts import TwoMeanLosses
 from trainkit.engine import HookBase, SimpleTrainer
 from trainkit.engine.launch import launch
 
@@ -49,7 +49,7 @@ def _train(out_dir: str) -> None:
     steps = _global_batches()
     mine = [micro[rank] for step in steps for micro in step]
     calls = []
-    model = DistributedDataParallel(_TwoLosses())
+    model = DistributedDataParallel(TwoMeanLosses())
     model.register_comm_hook(state=calls, hook=_counting_allreduce)
     counter = _AllReducesPerStep(calls)
     trainer = SimpleTrainer(model, iter(mine), torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
@@ -79,7 +79,7 @@ def test_accumulating_under_ddp_all_reduces_each_bucket_once_per_step_and_matche
     # One process, the union of both ranks' micro-batches of a step as one batch.
     union = [tuple(torch.cat(parts) for parts in zip(*[b for micro in step for b in micro]))
              for step in _global_batches()]
-    model = _TwoLosses()
+    model = TwoMeanLosses()
     trainer = SimpleTrainer(model, iter(union), torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
                             gather_metric_period=2)
     trainer.train(0, ITERS)
