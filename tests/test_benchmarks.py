@@ -22,6 +22,20 @@ def test_overhead_benchmark_prints_a_ratio_for_every_workload_and_variant():
         assert hand > 0 and trainkit > 0 and abs(ratio - trainkit / hand) < 0.01
 
 
+def test_compile_benchmark_prints_eager_and_compiled_step_times():
+    # aot_eager traces and partitions the model as inductor does but generates no code: seconds, not minutes.
+    # (tests/engine/test_compile.py compiles with inductor itself.)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "compile.py"), "--iters", "5", "--repeats", "1",
+         "--backend", "aot_eager", "--workloads", "tiny"],
+        capture_output=True, text=True, timeout=300, check=True,
+    ).stdout
+    rows = [line.split() for line in out.splitlines() if line.startswith("tiny")]
+    assert len(rows) == 1
+    compile_s, eager, compiled, ratio = map(float, rows[0][1:5])
+    assert compile_s > 0 and eager > 0 and compiled > 0 and abs(ratio - compiled / eager) < 0.01
+
+
 def test_instruction_counter_children_train_the_hand_written_and_trainkit_loops():
     # instructions.py runs each variant in a child process under valgrind; here the children run without it.
     for variant in ("hand-hooks", "trainkit-hooks"):

@@ -8,16 +8,20 @@ library provides the parts (config, data, model, solver, checkpointer, metric st
     python tools/plain_train_net.py --config-file configs/digits/mlp.yaml --resume
     python tools/plain_train_net.py --config-file configs/digits/mlp.yaml --eval-only MODEL.WEIGHTS model.pth
 """
+import contextlib
 import logging
 from datetime import timedelta
 import math
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from trainkit.checkpoint import Checkpointer, PeriodicCheckpointer
 from trainkit.config import get_cfg
 from trainkit.data import build_test_loader, build_train_loader, set_train_loader_start
-from trainkit.engine import create_ddp_model, default_argument_parser, default_setup, default_writers, launch
+from trainkit.engine import (
+    compile_model, create_ddp_model, default_argument_parser, default_setup, default_writers, launch
+)
 from trainkit.evaluation import ClassificationEvaluator, inference_on_dataset, print_csv_format
 from trainkit.evaluation.testing import flatten_results_dict
 from trainkit.modeling import build_model
@@ -54,24 +58,35 @@ def do_train(cfg, model, resume=False):
     writers = default_writers(cfg.OUTPUT_DIR, max_iter) if comm.is_main_process() else []
     results = {}
 
+    # Gradient accumulation: one iteration is one optimizer step over `accum` micro-batches, and the loader
+    # yields micro-batches (SOLVER.IMS_PER_BATCH / (processes * accum) samples each).
+    accum = cfg.SOLVER.GRAD_ACCUM_STEPS
     data_loader = build_train_loader(cfg)
-    set_train_loader_start(data_loader, start_iter)  # continue the data order where the checkpoint left it
+    set_train_loader_start(data_loader, start_iter * accum)  # continue the data order where the checkpoint left it
+    data_iter = iter(data_loader)
     logger.info("Starting training from iteration %d", start_iter)
     with EventStorage(start_iter) as storage:
-        for data, iteration in zip(data_loader, range(start_iter, max_iter)):
+        for iteration in range(start_iter, max_iter):
             storage.iter = iteration
 
-            loss_dict = model(data)
-            losses = sum(loss_dict.values())
             optimizer.zero_grad()
-            losses.backward()
+            loss_sums = {}
+            for micro in range(accum):
+                # Under DDP only the last micro-batch's backward all-reduces the gradients.
+                last_micro = micro == accum - 1 or not isinstance(model, DistributedDataParallel)
+                with contextlib.nullcontext() if last_micro else model.no_sync():
+                    micro_losses = model(next(data_iter))
+                    (sum(micro_losses.values()) / accum).backward()
+                for k, v in micro_losses.items():
+                    loss_sums[k] = loss_sums[k] + v.detach() if k in loss_sums else v.detach()
             optimizer.step()
+            loss_dict = {k: v / accum for k, v in loss_sums.items()}  # each loss's mean over the micro-batches
             storage.put_scalar("lr", optimizer.param_groups[0]["lr"], smoothing_hint=False)
             scheduler.step()
 
             # Tensors go into the storage as they are: no host sync here. reduce_dict averages the losses
             # over processes (an all-reduce; nothing with one process).
-            reduced = comm.reduce_dict({k: v.detach() for k, v in loss_dict.items()})
+            reduced = comm.reduce_dict(loss_dict)
             storage.put_scalars(total_loss=sum(reduced.values()), **reduced)
 
             last = iteration == max_iter - 1
@@ -114,6 +129,8 @@ def main(args):
     cfg = setup(args)
     model = build_model(cfg)
     logger.info("Model:\n%s", model)
+    if cfg.MODEL.COMPILE:  # in place, before DDP wraps it (see trainkit/engine/compile.py)
+        compile_model(model, cfg.MODEL.COMPILE_MODE, cfg.MODEL.COMPILE_BACKEND, off_switch="MODEL.COMPILE False")
     if args.eval_only:
         Checkpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         return do_test(cfg, model)

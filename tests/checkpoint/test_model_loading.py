@@ -7,6 +7,7 @@ from torch import nn
 from trainkit.checkpoint.model_loading import (
     format_keys,
     load_model_state_dict,
+    strip_compile_prefix,
     strip_module_prefix,
     unwrap_model,
 )
@@ -93,3 +94,31 @@ def test_a_weight_of_another_dtype_is_cast_with_a_warning_naming_it(caplog):
     assert "Loading 'weight' from half.pth: cast from torch.float16 in the checkpoint to torch.float32 in the model." \
         in caplog.text
     assert target.weight.dtype == torch.float32 and torch.equal(target.weight, source.weight.float())
+
+
+# torch.compile(model) compiles lazily: building its wrapper and reading its state_dict compile nothing.
+def test_a_state_dict_from_torch_compiles_wrapper_loads_into_a_plain_model_with_a_log_line(caplog):
+    torch.manual_seed(0)
+    compiled = torch.compile(_net())
+    saved = compiled.state_dict()
+    assert all(key.startswith("_orig_mod.") for key in saved)  # what such a file holds
+    plain = _net()
+    with caplog.at_level(logging.INFO, logger="trainkit.checkpoint"):
+        result = load_model_state_dict(plain, saved, source="compiled.pth")
+    assert "Removing the '_orig_mod.' prefix of torch.compile's wrapper from the keys of compiled.pth." in caplog.text
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, saved["_orig_mod." + key])
+
+
+def test_unwrap_model_reaches_the_module_inside_torch_compile_and_ddp_wrappers():
+    net = _net()
+    assert unwrap_model(torch.compile(net)) is net
+    assert unwrap_model(torch.compile(nn.DataParallel(net))) is net
+    assert unwrap_model(net) is net
+
+
+def test_compile_prefix_is_stripped_after_a_compiled_submodule_too():
+    weight = torch.zeros(2)
+    assert strip_compile_prefix({"backbone._orig_mod.fc.weight": weight}) == {"backbone.fc.weight": weight}
+    assert strip_compile_prefix({"fc.weight": weight}) == {"fc.weight": weight}

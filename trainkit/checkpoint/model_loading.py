@@ -6,24 +6,54 @@ logged as a warning.
 """
 import collections
 import logging
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["unwrap_model", "strip_module_prefix", "format_keys", "load_model_state_dict", "ModelLoadResult"]
+__all__ = [
+    "unwrap_model", "strip_module_prefix", "strip_compile_prefix", "format_keys", "load_model_state_dict",
+    "ModelLoadResult",
+]
 
 logger = logging.getLogger(__name__)
 
 _WRAPPER_TYPES = (nn.parallel.DistributedDataParallel, nn.DataParallel)
 
 
+def _is_compile_wrapper(model: nn.Module) -> bool:
+    # torch.compile(model) returns an OptimizedModule holding the model as ``_orig_mod``. Its module is
+    # imported only once torch.compile has been used, so a model cannot be one before that.
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return eval_frame is not None and isinstance(model, eval_frame.OptimizedModule)
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel/DataParallel wrapper, or ``model`` itself."""
-    while isinstance(model, _WRAPPER_TYPES):
-        model = model.module
-    return model
+    """The module inside DistributedDataParallel/DataParallel wrappers and ``torch.compile(model)``'s wrapper,
+    or ``model`` itself."""
+    while True:
+        if isinstance(model, _WRAPPER_TYPES):
+            model = model.module
+        elif _is_compile_wrapper(model):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def strip_compile_prefix(state_dict: Mapping[str, Any], source: str = "checkpoint") -> Dict[str, Any]:
+    """Remove the ``_orig_mod.`` parts that the keys of a state_dict taken from ``torch.compile(module)``'s
+    wrapper carry (at the start, or after the name of a compiled submodule), logging that it did.
+
+    trainkit never saves them (it compiles in place, and saves the module inside any wrapper); files written
+    elsewhere may have them.
+    """
+    part = "_orig_mod."
+    if not any(part in key for key in state_dict):
+        return dict(state_dict)
+    logger.info("Removing the '%s' prefix of torch.compile's wrapper from the keys of %s.", part, source)
+    return {key.replace(part, ""): value for key, value in state_dict.items()}
 
 
 def strip_module_prefix(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
@@ -100,8 +130,9 @@ def load_model_state_dict(
 ) -> ModelLoadResult:
     """Load ``state_dict`` into ``model`` non-strictly, logging everything that did not load.
 
-    ``model`` may be wrapped in DistributedDataParallel/DataParallel, and ``state_dict`` may carry the
-    ``module.`` prefix of such a wrapper; either way the weights land in the same parameters.
+    ``model`` may be wrapped in DistributedDataParallel/DataParallel or compiled, and ``state_dict`` may carry
+    the ``module.`` prefix of such a wrapper or the ``_orig_mod.`` of ``torch.compile``'s; either way the
+    weights land in the same parameters.
 
     Args:
         model: the model to load into (modified in place).
@@ -112,8 +143,11 @@ def load_model_state_dict(
         A :class:`ModelLoadResult` listing what was skipped.
     """
     model = unwrap_model(model)
+    model_state = model.state_dict()
+    if not any("_orig_mod." in key for key in model_state):  # (a model with a torch.compile'd child keeps them)
+        state_dict = strip_compile_prefix(state_dict, source)
     state_dict = strip_module_prefix(state_dict)
-    mismatches = _pop_shape_mismatches(model.state_dict(), state_dict, source)
+    mismatches = _pop_shape_mismatches(model_state, state_dict, source)
     incompatible = model.load_state_dict(state_dict, strict=False)
     result = ModelLoadResult(
         missing_keys=[key for key in incompatible.missing_keys if key not in mismatches],

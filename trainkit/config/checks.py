@@ -17,6 +17,9 @@ def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+# torch.compile's modes (torch.compile's docstring lists them).
+_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 # (key, test, the range in words). A value that fails its test is an error.
 _RANGES: List[Tuple[str, Callable[[Any], bool], str]] = [
     ("MODEL.NUM_CLASSES", lambda v: v >= 1, "an int >= 1"),
@@ -28,6 +31,8 @@ _RANGES: List[Tuple[str, Callable[[Any], bool], str]] = [
     ("MODEL.CONVNET.IN_CHANNELS", lambda v: v >= 1, "an int >= 1"),
     ("MODEL.CONVNET.CHANNELS", lambda v: len(v) >= 1 and all(c >= 1 for c in v), "a non-empty list of ints >= 1"),
     ("MODEL.CONVNET.DROPOUT", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    ("MODEL.COMPILE_MODE", lambda v: v in _COMPILE_MODES, " or ".join(map(repr, _COMPILE_MODES))),
+    ("MODEL.COMPILE_BACKEND", lambda v: isinstance(v, str) and v != "", "a torch.compile backend, e.g. 'inductor'"),
     ("INPUT.AUGMENT.MAX_SHIFT", lambda v: v >= 0, "a number of pixels >= 0"),
     ("DATALOADER.NUM_WORKERS", lambda v: v >= 0, "a number of processes >= 0"),
     ("SOLVER.MAX_ITER", lambda v: v >= 1, "a number of iterations >= 1"),
@@ -48,6 +53,7 @@ _RANGES: List[Tuple[str, Callable[[Any], bool], str]] = [
     ("SOLVER.CHECKPOINT_MAX_TO_KEEP", lambda v: v >= 0, "a number of files >= 0 (0 keeps all)"),
     ("SOLVER.CHECKPOINT_ASYNC", lambda v: isinstance(v, bool), "True or False"),
     ("SOLVER.IMS_PER_BATCH", lambda v: v >= 1, "a batch size >= 1"),
+    ("SOLVER.GRAD_ACCUM_STEPS", lambda v: v >= 1, "a number of micro-batches >= 1 (1: no accumulation)"),
     ("SOLVER.REFERENCE_WORLD_SIZE", lambda v: v >= 0, "a number of processes >= 0 (0: no scaling)"),
     ("SOLVER.BIAS_LR_FACTOR", lambda v: _number(v) and v >= 0, "a finite number >= 0"),
     ("SOLVER.CLIP_GRADIENTS.CLIP_TYPE", lambda v: v in ("value", "norm", "full_model"),

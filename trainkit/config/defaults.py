@@ -36,6 +36,15 @@ _C.MODEL.CONVNET = _YacsNode()
 _C.MODEL.CONVNET.IN_CHANNELS = 1
 _C.MODEL.CONVNET.CHANNELS = [32, 64]
 _C.MODEL.CONVNET.DROPOUT = 0.25
+# trainkit: compile the model with torch.compile (nn.Module.compile, in place, before the DDP wrapper). The
+# first steps then take longer (compilation); checkpoints are the same as without it. Needs a C++ compiler on
+# CPU (Triton on GPU): where compilation cannot work, the run stops at start with an error naming this key.
+_C.MODEL.COMPILE = False
+# trainkit: torch.compile's mode: "default", "reduce-overhead", "max-autotune" or "max-autotune-no-cudagraphs".
+_C.MODEL.COMPILE_MODE = "default"
+# trainkit: torch.compile's backend: "inductor" (generates fused kernels), or "aot_eager" / "eager" to look
+# for a compilation problem without code generation (no speed-up).
+_C.MODEL.COMPILE_BACKEND = "inductor"
 
 # trainkit: random augmentation of training images (the digits data set uses it).
 _C.INPUT = _YacsNode()
@@ -83,6 +92,11 @@ _C.SOLVER.CHECKPOINT_MAX_TO_KEEP = 0
 # this is torch.distributed.checkpoint.async_save.
 _C.SOLVER.CHECKPOINT_ASYNC = False
 _C.SOLVER.IMS_PER_BATCH = 16
+# trainkit: gradient accumulation: micro-batches per optimizer step. IMS_PER_BATCH stays the batch of one
+# optimizer step over all processes, so each process loads IMS_PER_BATCH / (processes * GRAD_ACCUM_STEPS)
+# samples at a time: raising it lowers the memory a step needs, not what it computes. An iteration (MAX_ITER,
+# the LR schedule, the periods) is one optimizer step.
+_C.SOLVER.GRAD_ACCUM_STEPS = 1
 _C.SOLVER.REFERENCE_WORLD_SIZE = 0
 _C.SOLVER.BIAS_LR_FACTOR = 1.0
 _C.SOLVER.WEIGHT_DECAY_BIAS = None

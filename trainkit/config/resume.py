@@ -29,6 +29,8 @@ _EFFECTS = {
     "SOLVER.BETAS": "no effect: the optimizer's hyperparameters are restored from the checkpoint",
     "SOLVER.WEIGHT_DECAY": "no effect: the optimizer's hyperparameters are restored from the checkpoint",
     "SOLVER.IMS_PER_BATCH": "the data order and the step size differ from the interrupted run's from here on",
+    "SOLVER.GRAD_ACCUM_STEPS": "the same samples per optimizer step, in other micro-batches: the memory and "
+    "the rounding differ, the data order does not",
     "SOLVER.REFERENCE_WORLD_SIZE": "the batch and LR scaling differ from the interrupted run's from here on",
     "SOLVER": "takes effect from the resumed iteration on (the schedule's shape is the new config's; its base "
     "LRs and position are the checkpoint's)",
@@ -39,6 +41,7 @@ _EFFECTS = {
     "SEED": "the data order differs from the interrupted run's from here on, unless the checkpoint's data seed "
     "is used (SEED < 0)",
     "MODEL.WEIGHTS": "no effect: resuming loads the checkpoint, not MODEL.WEIGHTS",
+    "MODEL.COMPILE": "the same model, compiled or not: the checkpoint loads either way; results differ by rounding",
     "MODEL": "takes effect from the resumed iteration on",
     "MODEL_EMA.ENABLED": "turned on, the average starts from the resumed weights; turned off, the checkpoint's "
     "average is not loaded",

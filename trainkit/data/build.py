@@ -145,6 +145,20 @@ def _check_train_loader_cfg(cfg, world_size: int) -> None:
             f"SOLVER.IMS_PER_BATCH ({total_batch}) is the total batch size over all processes and must be a "
             f"positive multiple of the number of processes ({world_size}). Set it to a multiple of {world_size}."
         )
+    accum = _grad_accum_steps(cfg)
+    if total_batch % (world_size * accum) != 0:
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH ({total_batch}) does not divide into SOLVER.GRAD_ACCUM_STEPS ({accum}) "
+            f"micro-batches on each of the {world_size} process(es): it is the batch of one optimizer step, and "
+            f"each process loads IMS_PER_BATCH / (processes * GRAD_ACCUM_STEPS) samples at a time. Set "
+            f"SOLVER.IMS_PER_BATCH to a multiple of {world_size * accum}, or SOLVER.GRAD_ACCUM_STEPS to a divisor "
+            f"of {total_batch // world_size}."
+        )
+
+
+def _grad_accum_steps(cfg) -> int:
+    # A config made from other defaults than trainkit's (a user's own) may lack the key: no accumulation.
+    return cfg.SOLVER.get("GRAD_ACCUM_STEPS", 1)
 
 
 def build_train_loader(
@@ -156,9 +170,11 @@ def build_train_loader(
       With ``INPUT.AUGMENT.ENABLED``, items' ``"image"`` are randomly shifted by up to
       ``INPUT.AUGMENT.MAX_SHIFT`` pixels (:class:`~trainkit.data.augment.RandomShift`).
     - Batch: ``SOLVER.IMS_PER_BATCH`` is the total batch of one optimizer step over all processes; each
-      process loads ``IMS_PER_BATCH / world_size`` samples. Rank ``r``'s batch ``j`` holds global positions
-      ``j * IMS_PER_BATCH + r + world_size * m``, so the ranks' batches ``j`` together are exactly the
-      single-process batch ``j``.
+      process loads ``IMS_PER_BATCH / (world_size * SOLVER.GRAD_ACCUM_STEPS)`` samples per batch (a
+      micro-batch when accumulating). With micro-batch ``B = IMS_PER_BATCH / GRAD_ACCUM_STEPS`` over all
+      processes, rank ``r``'s batch ``j`` holds global positions ``j * B + r + world_size * m``, so the ranks'
+      batches ``j`` together are exactly the single-process batch ``j``, and the ``GRAD_ACCUM_STEPS`` batches
+      of one optimizer step hold the same samples as without accumulation.
     - Order: :class:`~trainkit.data.samplers.TrainingSampler` with seed ``cfg.SEED`` if ``>= 0``, else one
       random seed shared by all ranks (read it back with :func:`get_train_loader_seed`). Each sample's
       augmentation is seeded from ``(seed, global position)``, so order and augmentation do not depend on
@@ -175,7 +191,7 @@ def build_train_loader(
         an infinite DataLoader; ``len()`` is undefined.
 
     Raises:
-        ValueError: ``IMS_PER_BATCH`` is not divisible by the world size, an unknown
+        ValueError: ``IMS_PER_BATCH`` is not divisible by the world size times ``GRAD_ACCUM_STEPS``, an unknown
             ``DATALOADER.SAMPLER_TRAIN``, or an empty ``DATASETS.TRAIN``.
     """
     world_size = comm.get_world_size()
@@ -187,11 +203,12 @@ def build_train_loader(
         dataset = RandomShift(dataset, cfg.INPUT.AUGMENT.MAX_SHIFT)
     seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
     sampler = TrainingSampler(len(dataset), shuffle=True, seed=seed)
-    batch_sampler = TrainingBatchSampler(sampler, total_batch // world_size)
+    per_process = total_batch // (world_size * _grad_accum_steps(cfg))
+    batch_sampler = TrainingBatchSampler(sampler, per_process)
     num_workers = cfg.DATALOADER.NUM_WORKERS
     logger.info(
-        "Training loader: %d samples, %d per process x %d processes, seed %d, %d workers",
-        len(dataset), total_batch // world_size, world_size, seed, num_workers,
+        "Training loader: %d samples, batches of %d per process x %d processes (%d per optimizer step), seed %d, "
+        "%d workers", len(dataset), per_process, world_size, total_batch, seed, num_workers,
     )
     return _data_loader(
         PositionSeededDataset(dataset, seed),
@@ -213,7 +230,8 @@ def set_train_loader_start(loader: DataLoader, start_iter: int) -> bool:
 
     Args:
         loader: any data loader.
-        start_iter: the iteration the next batch is for (``trainer.start_iter`` on resume).
+        start_iter: the iteration the next batch is for (``trainer.start_iter`` on resume). With gradient
+            accumulation the loader counts micro-batches: pass ``start_iter * SOLVER.GRAD_ACCUM_STEPS``.
 
     Returns:
         True if the loader was recognised and moved; False (and nothing is done) otherwise.

@@ -1,5 +1,6 @@
 """The training engine: the loop and hooks (config-free), the launcher, and DefaultTrainer (config-driven)."""
 from . import hooks
+from .compile import compile_model
 from .launch import launch
 from .train_loop import AMPTrainer, HookBase, SimpleTrainer, TrainerBase
 from .parallel import create_fsdp_model
@@ -17,6 +18,7 @@ __all__ = [
     "SimpleTrainer",
     "AMPTrainer",
     "hooks",
+    "compile_model",
     "launch",
     "DefaultTrainer",
     "create_ddp_model",

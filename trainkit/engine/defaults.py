@@ -31,6 +31,7 @@ from trainkit.data import (
     set_train_loader_start,
 )
 from trainkit.engine import hooks
+from trainkit.engine.compile import compile_model
 from trainkit.engine.parallel import check_equal_batches, create_fsdp_model, is_fsdp_model
 from trainkit.engine.train_loop import AMPTrainer, HookBase, SimpleTrainer, TrainerBase
 from trainkit.evaluation import ClassificationEvaluator, DatasetEvaluator, inference_on_dataset, print_csv_format
@@ -51,6 +52,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+_NO_COMPILE = "set MODEL.COMPILE False (e.g. `MODEL.COMPILE False` at the end of the command line)"
 
 
 def create_ddp_model(model: nn.Module, *, fp16_compression: bool = False, **kwargs: Any) -> nn.Module:
@@ -292,6 +295,10 @@ class DefaultTrainer(TrainerBase):
     Checkpoints hold the model, the optimizer, the LR scheduler, the grad scaler, the iteration, every hook's
     state, the training data seed and the RNG states of every process: a resumed run continues exactly.
 
+    ``SOLVER.GRAD_ACCUM_STEPS`` makes one iteration one optimizer step over that many micro-batches (the loader
+    yields micro-batches); ``MODEL.COMPILE`` compiles the model in place with torch.compile before wrapping it
+    in DDP, after checking that this machine can compile (see :mod:`trainkit.engine.compile`).
+
     The step is that of the inner ``SimpleTrainer``/``AMPTrainer`` (``self._trainer``, as in detectron2). It
     owns the loop's state: ``iter``, ``start_iter``, ``max_iter``, ``stop_reason`` and ``storage`` of this
     trainer are its attributes.
@@ -320,10 +327,14 @@ class DefaultTrainer(TrainerBase):
         # After sharding: the optimizer holds the sharded parameters (DDP does not replace them).
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
+        if cfg.MODEL.COMPILE:
+            model = self._compiled(cfg, model)
         if not self._sharded:
             model = create_ddp_model(model, broadcast_buffers=False)
         trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
-        kwargs: Dict[str, Any] = {"gather_metric_period": cfg.SOLVER.LOG_PERIOD}
+        kwargs: Dict[str, Any] = {
+            "gather_metric_period": cfg.SOLVER.LOG_PERIOD, "grad_accum_steps": cfg.SOLVER.GRAD_ACCUM_STEPS
+        }
         if cfg.SOLVER.AMP.ENABLED:
             kwargs["precision"] = _amp_dtype(cfg.SOLVER.AMP.PRECISION)
         self._trainer = trainer_cls(model, data_loader, optimizer, **kwargs)
@@ -344,6 +355,17 @@ class DefaultTrainer(TrainerBase):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self._last_eval_results: Optional[Dict[str, Any]] = None
         self.register_hooks(self.build_hooks())
+
+    def _compiled(self, cfg: CfgNode, model: nn.Module) -> nn.Module:
+        # MODEL.COMPILE: the inner module, before DDP wraps it, as torch's docs advise: dynamo does not trace
+        # DDP's hooks well, and DDP then all-reduces the compiled module's gradients as usual.
+        if self._sharded:
+            # FSDP2 wants each block compiled before it is sharded (torchtitan's order); not built yet.
+            raise ValueError(
+                "MODEL.COMPILE True with MODEL.PARALLEL 'fsdp' is not supported yet: set MODEL.COMPILE False, or "
+                "MODEL.PARALLEL 'ddp' to compile."
+            )
+        return compile_model(model, cfg.MODEL.COMPILE_MODE, cfg.MODEL.COMPILE_BACKEND, off_switch=_NO_COMPILE)
 
     # ---- the parts of the inner trainer, as attributes of this one -----------------------------------------
     @property
@@ -408,7 +430,9 @@ class DefaultTrainer(TrainerBase):
                 "system that every machine shares, or copy the checkpoint and its last_checkpoint tag to that "
                 "path on every machine."
             )
-        if self.start_iter > 0 and not set_train_loader_start(self.data_loader, self.start_iter):
+        # The loader counts micro-batches: GRAD_ACCUM_STEPS of them per iteration.
+        loader_start = self.start_iter * self.cfg.SOLVER.GRAD_ACCUM_STEPS
+        if self.start_iter > 0 and not set_train_loader_start(self.data_loader, loader_start):
             logger.warning(
                 "The training loader is not one of trainkit's: its data order restarts from the beginning "
                 "instead of continuing at iteration %d.", self.start_iter
@@ -621,7 +645,8 @@ class DefaultTrainer(TrainerBase):
     @staticmethod
     def auto_scale_workers(cfg: CfgNode, num_workers: int) -> CfgNode:
         """Scales the batch size, learning rate, iterations and periods linearly when ``num_workers`` differs
-        from ``SOLVER.REFERENCE_WORLD_SIZE`` (0 disables scaling), keeping the per-process batch fixed.
+        from ``SOLVER.REFERENCE_WORLD_SIZE`` (0 disables scaling), keeping the per-process batch fixed
+        (``SOLVER.GRAD_ACCUM_STEPS`` is kept, so the per-process micro-batch stays fixed too).
 
         Returns:
             the (new) config; the given one is not modified.

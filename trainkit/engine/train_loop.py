@@ -6,13 +6,14 @@ Reading guide: :meth:`TrainerBase.train` is the loop; :meth:`SimpleTrainer.run_s
 iteration does; its losses wait in a :class:`~trainkit.engine.loss_log.LossLog` until the next flush, the only
 place where they leave the device.
 """
+import contextlib
 import logging
 import math
 import operator
 import weakref
 from functools import reduce
 from time import perf_counter
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Callable, ContextManager, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -245,6 +246,13 @@ class SimpleTrainer(TrainerBase):
     ``{"total_loss": t}``), sum, zero_grad, backward, ``after_backward`` hooks, record the losses, optimizer
     step.
 
+    Gradient accumulation: with ``grad_accum_steps=k`` one step (one iteration) draws ``k`` micro-batches and
+    runs data, forward and backward of the summed losses divided by ``k`` for each, then the ``after_backward``
+    hooks and the optimizer step once. The gradients are those of the mean loss over the ``k`` micro-batches,
+    the same as one batch ``k`` times as large (for losses that are means over the batch). Under
+    DistributedDataParallel the first ``k - 1`` backward passes skip the all-reduce (``model.no_sync()``).
+    The recorded losses are each loss's mean over the micro-batches; ``data_time`` is their sum.
+
     Metrics without host syncs: the losses wait on their device in :attr:`loss_log`. Every
     ``gather_metric_period`` iterations and at the last iteration the step flushes them: one collective to
     average them across processes, one transfer to the host, then every iteration's values go into the
@@ -266,6 +274,8 @@ class SimpleTrainer(TrainerBase):
         async_write_metrics: flush after the optimizer step instead of before it, so that on a GPU the host
             launches the optimizer step before it waits for the losses. They still reach the storage in the
             same step, before the hooks; a non-finite loss then raises after that step instead of before it.
+        grad_accum_steps: micro-batches per optimizer step (default 1: none accumulated). The data loader
+            yields micro-batches: one optimizer step sees ``grad_accum_steps`` of its batches.
     """
 
     def __init__(
@@ -276,10 +286,17 @@ class SimpleTrainer(TrainerBase):
         gather_metric_period: int = 20,
         zero_grad_before_forward: bool = False,
         async_write_metrics: bool = False,
+        *,
+        grad_accum_steps: int = 1,
     ) -> None:
         super().__init__()
         if gather_metric_period < 1:
             raise ValueError(f"gather_metric_period must be >= 1, got {gather_metric_period}")
+        if type(grad_accum_steps) is not int or grad_accum_steps < 1:
+            raise ValueError(
+                f"grad_accum_steps must be a whole number >= 1 (micro-batches per optimizer step), got "
+                f"{grad_accum_steps!r}"
+            )
         model.train()
         self.model = model
         self.data_loader = data_loader
@@ -288,24 +305,19 @@ class SimpleTrainer(TrainerBase):
         self.gather_metric_period = gather_metric_period
         self.zero_grad_before_forward = zero_grad_before_forward
         self.async_write_metrics = async_write_metrics
+        self.grad_accum_steps = grad_accum_steps
         self.loss_log = LossLog()
 
     # ---- the step ------------------------------------------------------------------------------------------
     def run_step(self) -> None:
-        """One iteration: data, forward, backward, ``after_backward`` hooks, losses, optimizer step."""
+        """One iteration: data, forward, backward (of each micro-batch), ``after_backward`` hooks, losses,
+        optimizer step."""
         if not self.model.training:
             raise RuntimeError("SimpleTrainer.run_step: the model was switched to eval mode; call model.train().")
-        start = perf_counter()
-        data = next(self._data_loader_iter)
-        data_time = perf_counter() - start
-
-        if self.zero_grad_before_forward:
-            self.optimizer.zero_grad()
-        loss_dict = self.compute_losses(data)
-        losses = _sum_losses(loss_dict)
-        if not self.zero_grad_before_forward:
-            self.optimizer.zero_grad()
-        self.backward(losses)
+        if self.grad_accum_steps == 1:
+            loss_dict, losses, data_time = self._forward_backward(first=True)
+        else:
+            loss_dict, losses, data_time = self._accumulate_gradients()
         self.after_backward()
 
         self.loss_log.record(self.iter, loss_dict, losses, data_time)
@@ -320,6 +332,44 @@ class SimpleTrainer(TrainerBase):
         self.optimizer_step()
         if flush and self.async_write_metrics:
             self.loss_log.flush()
+
+    def _forward_backward(
+        self, first: bool, accum: int = 1
+    ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, float]:
+        # One (micro-)batch: data (timed), forward, backward of the summed losses (divided by ``accum``). The
+        # gradients are zeroed at the first micro-batch of an optimizer step only, so that the others add up.
+        start = perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = perf_counter() - start
+
+        if first and self.zero_grad_before_forward:
+            self.optimizer.zero_grad()
+        loss_dict = self.compute_losses(data)
+        losses = _sum_losses(loss_dict)
+        if first and not self.zero_grad_before_forward:
+            self.optimizer.zero_grad()
+        self.backward(losses if accum == 1 else losses / accum)
+        return loss_dict, losses, data_time
+
+    def _accumulate_gradients(self) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, float]:
+        # grad_accum_steps micro-batches, the gradient all-reduce (DDP) in the last one's backward only.
+        # Returns each loss's mean over the micro-batches, their sum, and the total data time.
+        k = self.grad_accum_steps
+        sums: Dict[str, torch.Tensor] = {}
+        data_time = 0.0
+        for i in range(k):
+            with _no_gradient_sync(self.model) if i < k - 1 else contextlib.nullcontext():
+                loss_dict, _, micro_time = self._forward_backward(first=i == 0, accum=k)
+            data_time += micro_time
+            for name, loss in loss_dict.items():
+                sums[name] = loss.detach() + sums[name] if name in sums else loss.detach()
+        if list(sums) != list(loss_dict):
+            raise ValueError(
+                f"The model returned other losses in the micro-batches of one step ({list(sums)} in all, "
+                f"{list(loss_dict)} in the last); it must return the same loss names for every batch."
+            )
+        means = {name: total / k for name, total in sums.items()}
+        return means, _sum_losses(means), data_time
 
     def compute_losses(self, data: Any) -> Dict[str, torch.Tensor]:
         """The forward: ``model(data)`` as a dict of losses (under autocast in :class:`AMPTrainer`)."""
@@ -382,6 +432,25 @@ class SimpleTrainer(TrainerBase):
         self.optimizer.load_state_dict(state_dict["optimizer"])
 
 
+def _no_gradient_sync(model: nn.Module) -> ContextManager[None]:
+    # DistributedDataParallel (and anything with its no_sync()) skips the all-reduce of the backward passes
+    # inside; FSDP2's fully_shard modules say it with set_requires_gradient_sync. Other models: nothing to skip.
+    if hasattr(model, "no_sync"):
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        return _without_requires_gradient_sync(model)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _without_requires_gradient_sync(model: nn.Module) -> Any:
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
 def _device_type(model: nn.Module) -> str:
     for p in model.parameters():
         return p.device.type
@@ -393,6 +462,8 @@ class AMPTrainer(SimpleTrainer):
 
     The step is the same; only the autocast context, the backward and the optimizer step differ. float16 uses
     a ``torch.amp.GradScaler`` (its state is saved with the trainer's); bfloat16 needs none and works on CPU.
+    With gradient accumulation every micro-batch's backward is scaled, and the scaler steps and updates once
+    per optimizer step.
 
     Args:
         grad_scaler: the scaler for float16; one is created when None. bfloat16 needs none (one given is used).
@@ -413,9 +484,12 @@ class AMPTrainer(SimpleTrainer):
         precision: torch.dtype = torch.float16,
         log_grad_scaler: bool = False,
         async_write_metrics: bool = False,
+        *,
+        grad_accum_steps: int = 1,
     ) -> None:
         super().__init__(
-            model, data_loader, optimizer, gather_metric_period, zero_grad_before_forward, async_write_metrics
+            model, data_loader, optimizer, gather_metric_period, zero_grad_before_forward, async_write_metrics,
+            grad_accum_steps=grad_accum_steps,
         )
         if precision not in (torch.float16, torch.bfloat16):
             raise ValueError(f"AMPTrainer precision must be torch.float16 or torch.bfloat16, got {precision}")
