@@ -4,11 +4,12 @@
 range) and logs a warning for a value that trains but probably not as meant. ``DefaultTrainer`` and
 ``default_setup`` call it. Keys that your own code adds are not checked here.
 """
+import difflib
 import logging
 import math
-from typing import Any, Callable, List, Tuple
+from typing import Any, Callable, List, Sequence, Tuple
 
-__all__ = ["check_config_values"]
+__all__ = ["WRITER_NAMES", "check_config_values", "check_writer_names"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,22 @@ _RANGES: List[Tuple[str, Callable[[Any], bool], str]] = [
 ]
 
 
+# The names the WRITERS list may hold (DefaultTrainer builds them in trainkit/engine/defaults.py).
+WRITER_NAMES = ("json", "tensorboard", "console", "csv", "mlflow", "wandb")
+
+
+def check_writer_names(names: Sequence[str]) -> None:
+    """Raises ``ValueError`` for a ``WRITERS`` entry that is not one of :data:`WRITER_NAMES`, or a repeated one."""
+    for name in names:
+        if name not in WRITER_NAMES:
+            close = difflib.get_close_matches(str(name), WRITER_NAMES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"WRITERS has an unknown writer {name!r}{hint}; the known writers are {list(WRITER_NAMES)}.")
+    repeated = sorted({n for n in names if list(names).count(n) > 1})
+    if repeated:
+        raise ValueError(f"WRITERS names {repeated} more than once; each writer writes its own files, so list it once.")
+
+
 def _get(cfg: Any, key: str) -> Any:
     for part in key.split("."):
         cfg = cfg[part]
@@ -91,6 +108,8 @@ def check_config_values(cfg: Any) -> None:
             raise ValueError(f"Config key {key} is {value!r}, out of its range: it must be {words}.")
     if cfg.get("MODEL", {}).get("PARALLEL") == "fsdp":
         _check_fsdp_support(cfg)
+    if "WRITERS" in cfg:
+        check_writer_names(cfg.WRITERS)
     solver = cfg.SOLVER
     if solver.BASE_LR == 0:
         logger.warning("SOLVER.BASE_LR is 0: the weights will not change.")

@@ -139,6 +139,11 @@ _C.MODEL_EMA.USE_FOR_EVAL = True
 _C.DIST = _YacsNode()
 _C.DIST.TIMEOUT_S = 600
 
+# trainkit: the writers of DefaultTrainer's PeriodicWriter, by name: "json" (OUTPUT_DIR/metrics.json),
+# "tensorboard" (event files in OUTPUT_DIR), "console" (log lines with ETA), "csv" (OUTPUT_DIR/metrics.csv),
+# "mlflow" (pip install trainkit[mlflow]) and "wandb" (pip install trainkit[wandb]); see docs/events.md.
+_C.WRITERS = ["json", "tensorboard", "console"]
+
 _C.OUTPUT_DIR = "./output"
 _C.SEED = -1
 _C.CUDNN_BENCHMARK = False

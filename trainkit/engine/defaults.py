@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from trainkit.checkpoint import Checkpointer, CheckpointError
 from trainkit.checkpoint.sharded import ShardedCheckpointer
 from trainkit.config import CfgNode
-from trainkit.config.checks import check_config_values
+from trainkit.config.checks import check_config_values, check_writer_names
 from trainkit.config.resume import check_resumed_config
 from trainkit.data import (
     MetadataCatalog,
@@ -39,7 +39,7 @@ from trainkit.modeling import build_model, parameter_summary
 from trainkit.solver import build_lr_scheduler, build_optimizer
 from trainkit.utils import comm
 from trainkit.utils.env import collect_env_info, get_rng_state, seed_all_rng, set_rng_state
-from trainkit.utils.events import CommonMetricPrinter, EventWriter, JSONWriter, TensorboardXWriter
+from trainkit.utils.events import CommonMetricPrinter, CSVWriter, EventWriter, JSONWriter, TensorboardXWriter
 from trainkit.utils.logger import setup_logger
 from trainkit.utils.output_dir import LOCK_FILE, lock_output_dir, unlock_output_dir
 
@@ -232,14 +232,45 @@ def _config_file_name(cfg: CfgNode, args: argparse.Namespace) -> str:
     return f"config.resume_{n}.yaml"
 
 
-def default_writers(output_dir: str, max_iter: Optional[int] = None) -> List[EventWriter]:
-    """The default writers: console (with ETA), ``output_dir/metrics.json`` and TensorBoard in ``output_dir``."""
+def default_writers(
+    output_dir: str,
+    max_iter: Optional[int] = None,
+    names: Sequence[str] = ("json", "tensorboard", "console"),
+    config: Optional[CfgNode] = None,
+) -> List[EventWriter]:
+    """The writers named in ``names`` (the config's ``WRITERS``), writing into ``output_dir``.
+
+    ``"console"`` (:class:`CommonMetricPrinter`, with ETA), ``"json"`` (``metrics.json``), ``"tensorboard"``,
+    ``"csv"`` (``metrics.csv``), ``"mlflow"`` and ``"wandb"`` (:mod:`trainkit.utils.trackers`; they log
+    ``config`` as the run's parameters). The console writer comes first whatever the order of ``names``, so
+    that the ``eta_seconds`` it puts reaches the files. With the defaults, detectron2's three writers.
+
+    Raises:
+        ValueError: an unknown or repeated name (the message lists the known ones).
+        ImportError: a tracker whose package is not installed (the message names the extra to install).
+    """
+    check_writer_names(names)
     os.makedirs(output_dir, exist_ok=True)
-    return [
-        CommonMetricPrinter(max_iter),
-        JSONWriter(os.path.join(output_dir, "metrics.json")),
-        TensorboardXWriter(output_dir),
-    ]
+    ordered = sorted(names, key=lambda n: n != "console")  # stable: the rest keep their order
+    return [_build_writer(name, output_dir, max_iter, config) for name in ordered]
+
+
+def _build_writer(name: str, output_dir: str, max_iter: Optional[int], config: Optional[CfgNode]) -> EventWriter:
+    if name == "console":
+        return CommonMetricPrinter(max_iter)
+    if name == "json":
+        return JSONWriter(os.path.join(output_dir, "metrics.json"))
+    if name == "tensorboard":
+        return TensorboardXWriter(output_dir)
+    if name == "csv":
+        return CSVWriter(os.path.join(output_dir, "metrics.csv"))
+    from trainkit.utils import trackers  # optional packages: imported only when asked for
+
+    if name == "mlflow":
+        return trackers.MLflowWriter(output_dir, config=config)
+    if name == "wandb":
+        return trackers.WandbWriter(output_dir, config=config)
+    raise AssertionError(f"check_writer_names let {name!r} through without a writer for it")
 
 
 class _LoopStateOfInnerTrainer:
@@ -561,8 +592,8 @@ class DefaultTrainer(TrainerBase):
         ]
 
     def build_writers(self) -> List[EventWriter]:
-        """The writers of the PeriodicWriter hook; :func:`default_writers` by default."""
-        return default_writers(self.cfg.OUTPUT_DIR, self.max_iter)
+        """The writers of the PeriodicWriter hook: :func:`default_writers` of the config's ``WRITERS``."""
+        return default_writers(self.cfg.OUTPUT_DIR, self.max_iter, names=self.cfg.WRITERS, config=self.cfg)
 
     @classmethod
     def build_model(cls, cfg: CfgNode) -> nn.Module:

@@ -303,10 +303,22 @@ class PeriodicWriter(HookBase):
             self._written_through = self.trainer.iter
 
     def state_dict(self) -> Dict[str, Any]:
-        return {} if self._written_through is None else {"written_through": self._written_through}
+        if self._written_through is None:
+            return {}
+        # Each writer's own state (a tracker's run id), with its class: restored into the writer of the same
+        # class at the same position (the same WRITERS build the same list).
+        writers = [{"writer": type(w).__qualname__, "state": w.state_dict()} for w in self._writers]
+        return {"written_through": self._written_through, "writers": writers}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self._resumed_through = state_dict["written_through"]
+        for writer, saved in zip(self._writers, state_dict.get("writers", [])):
+            if saved["writer"] == type(writer).__qualname__:
+                writer.load_state_dict(saved["state"])
+            elif saved["state"]:
+                logger.warning("The checkpoint's writer state for %s does not go to the %s in its place: the "
+                               "writers changed, so it starts afresh (a tracker starts a new run).",
+                               saved["writer"], type(writer).__qualname__)
 
     def after_train(self) -> None:
         # Also after an exception: write what there is, and always close.

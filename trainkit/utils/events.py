@@ -36,6 +36,7 @@ __all__ = [
     "JSONWriter",
     "TensorboardXWriter",
     "CommonMetricPrinter",
+    "CSVWriter",
 ]
 
 logger = logging.getLogger(__name__)
@@ -478,6 +479,14 @@ class EventWriter:
         """The last iteration whose output a run starting at ``start_iter`` keeps (see :meth:`continue_after`)."""
         return start_iter - 1 if self._continue_after is None else self._continue_after
 
+    def state_dict(self) -> Dict[str, Any]:
+        """What this writer needs after a resume (plain data; e.g. a tracker's run id). PeriodicWriter saves it
+        with its own state in the checkpoint. Nothing by default."""
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restores what :meth:`state_dict` returned, before the first write of the resumed run."""
+
     def close(self) -> None:
         pass
 
@@ -489,6 +498,19 @@ def _new_scalars_by_iter(storage: EventStorage, window_size: int, after: int) ->
         if itr > after:
             by_iter[itr][name] = value
     return dict(sorted(by_iter.items()))
+
+
+def keep_old_file(path: str) -> str:
+    """Moves ``path`` (an earlier run's output) to ``<path>.<n>.bak`` with the first free ``n``; returns that.
+
+    What the file writers do when a run starts at iteration 0 over a non-empty file of theirs.
+    """
+    n = 1
+    while os.path.exists(f"{path}.{n}.bak"):
+        n += 1
+    os.replace(path, f"{path}.{n}.bak")
+    logger.warning("%s existed; training starts at iteration 0, so it was moved to %s.bak", path, f"{path}.{n}")
+    return f"{path}.{n}.bak"
 
 
 # json.dumps(..., sort_keys=True) would build a new encoder for every line.
@@ -527,12 +549,7 @@ class JSONWriter(EventWriter):
             if start_iter > 0:
                 self._drop_lines_from(kept + 1)
             else:
-                n = 1
-                while os.path.exists(f"{self._path}.{n}.bak"):
-                    n += 1
-                os.replace(self._path, f"{self._path}.{n}.bak")
-                logger.warning("%s existed; training starts at iteration 0, so it was moved to %s.bak",
-                               self._path, f"{self._path}.{n}")
+                keep_old_file(self._path)
         self._file_handle = open(self._path, "a")
         # The file now ends at `kept`: write what was put after it (a reused writer writes from there again).
         self._last_write = kept
@@ -721,3 +738,13 @@ class CommonMetricPrinter(EventWriter):
             lr,
             mem,
         )
+
+
+def __getattr__(name: str) -> Any:
+    # CSVWriter lives in its own module (this one is long), which imports EventWriter from here: importing
+    # it on first use lets either module be imported first.
+    if name == "CSVWriter":
+        from trainkit.utils.csv_writer import CSVWriter
+
+        return CSVWriter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
