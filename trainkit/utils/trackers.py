@@ -218,7 +218,7 @@ class WandbWriter(_TrackerWriter):
 
     W&B's own settings apply: ``WANDB_MODE`` (``offline`` writes the run under ``<output_dir>/wandb`` for a
     later ``wandb sync``; ``disabled`` logs nothing), ``WANDB_PROJECT``, ``WANDB_API_KEY`` and so on. The run
-    holds the flattened config as its config and ``config.yaml`` as a file, every scalar at
+    holds the flattened config as its config and ``trainkit_config.yaml`` as a file, every scalar at
     ``step=iteration``, and the latest evaluation results in its summary. A resumed run continues the same
     run id (``resume="allow"``) and starts after the last step the interrupted run wrote before its
     checkpoint.
@@ -263,7 +263,7 @@ class WandbWriter(_TrackerWriter):
         self._run = wandb.init(**kwargs)
         self._run_id = self._run.id
         if not resume and self._config is not None:
-            path = os.path.join(self._run.dir, "config.yaml")
+            path = os.path.join(self._run.dir, "trainkit_config.yaml")  # W&B writes its own config.yaml
             with open(path, "w") as f:
                 f.write(self._config_text())
             self._run.save(path, base_path=self._run.dir, policy="now")
