@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Plot metrics from one or more runs' metrics.json into a PNG.
 
-    python tools/plot_metrics.py output/digits_mlp                       # total_loss, lr, every eval metric
+    python tools/plot_metrics.py output/digits_mlp        # writes output/digits_mlp/metrics.png
     python tools/plot_metrics.py output/run_a output/run_b -k total_loss classification/top1 -o compare.png
 
-Each run is a folder holding metrics.json (or the file itself). One panel per metric, one line per run.
+Each run is a folder holding metrics.json (or the file itself). One panel per metric, one line per run, so
+several runs compare in one figure. The PNG goes into the first run's folder unless -o says otherwise.
 Needs matplotlib (`pip install trainkit[examples]`). For live curves use TensorBoard: `tensorboard --logdir output`.
 """
 import argparse
@@ -65,11 +66,15 @@ def plot(runs: Dict[str, List[dict]], keys: Sequence[str], output: str) -> None:
     plt.close(fig)
 
 
+def _run_folder(path: str) -> str:
+    return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Plot metrics.json of one or more runs into a PNG.")
     parser.add_argument("runs", nargs="+", help="run folders (OUTPUT_DIR) or metrics.json files")
     parser.add_argument("-k", "--keys", nargs="+", help="metrics to plot (default: total_loss, lr, eval metrics)")
-    parser.add_argument("-o", "--output", default="metrics.png", help="PNG file to write")
+    parser.add_argument("-o", "--output", help="PNG file to write (default: metrics.png in the first run's folder)")
     args = parser.parse_args(argv)
     runs = {path.rstrip("/"): read_metrics(path) for path in args.runs}
     keys = args.keys or default_keys([m for lines in runs.values() for m in lines])
@@ -78,8 +83,9 @@ def main(argv=None) -> int:
         known = sorted({k for lines in runs.values() for m in lines for k in m} - {"iteration"})
         print(f"error: no run has {missing}; available: {known}", file=sys.stderr)
         return 2
-    plot(runs, keys, args.output)
-    print(f"wrote {args.output} ({len(keys)} panels, {len(runs)} run(s))")
+    output = args.output or os.path.join(_run_folder(args.runs[0]), "metrics.png")
+    plot(runs, keys, output)
+    print(f"wrote {output} ({len(keys)} panels, {len(runs)} run(s))")
     return 0
 
 

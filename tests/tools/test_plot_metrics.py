@@ -41,3 +41,15 @@ def test_unknown_metric_and_missing_run_are_named(tmp_path, capsys):
     assert "no run has ['top1']" in err and "classification/top1" in err
     with pytest.raises(FileNotFoundError, match="nowhere"):
         plot_metrics["main"]([str(tmp_path / "nowhere")])
+
+
+def test_the_png_goes_into_the_first_run_folder_by_default(tmp_path, capsys, monkeypatch):
+    write_run(tmp_path / "a", [2.0, 1.0], 90.0)
+    write_run(tmp_path / "b", [2.0, 0.8], 92.0)
+    monkeypatch.chdir(tmp_path)
+    assert plot_metrics["main"](["a", str(tmp_path / "b" / "metrics.json")]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {Path('a') / 'metrics.png'} (3 panels, 2 run(s))")
+    assert matplotlib.image.imread(str(tmp_path / "a" / "metrics.png")).shape[:2] == (3 * 260, 800)
+    assert not (tmp_path / "metrics.png").exists() and not (tmp_path / "b" / "metrics.png").exists()
+    assert plot_metrics["main"]([str(tmp_path / "b" / "metrics.json")]) == 0  # a metrics.json: beside it
+    assert (tmp_path / "b" / "metrics.png").exists()
