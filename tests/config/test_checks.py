@@ -64,3 +64,12 @@ def test_a_key_given_twice_in_one_yaml_mapping_is_an_error_naming_both_lines(tmp
     assert message.startswith(f"Malformed YAML in config file {path}:")
     assert "found the key 'BASE_LR' twice (first on line 2); keep one of them" in message
     assert f'in "{path}", line 4' in message
+
+
+def test_an_unknown_writer_in_writers_is_an_error_that_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown writer 'jsno' \(did you mean 'json'\?\); the known writers are "
+                                         r"\['json', 'tensorboard', 'console', 'csv', 'mlflow', 'wandb'\]"):
+        check_config_values(_cfg("WRITERS", '["jsno", "console"]'))
+    with pytest.raises(ValueError, match=r"WRITERS names \['csv'\] more than once"):
+        check_config_values(_cfg("WRITERS", '["csv", "json", "csv"]'))
+    check_config_values(_cfg("WRITERS", '["csv", "mlflow", "wandb"]'))  # known, even where not installed

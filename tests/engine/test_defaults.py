@@ -432,3 +432,30 @@ def test_resuming_with_a_changed_config_logs_each_key_old_new_and_what_it_does(t
         "schedule's shape is the new config's; its base LRs and position are the checkpoint's))",
     ]
     assert trainer.scheduler.base_lrs == [base_lr] * len(trainer.optimizer.param_groups)  # as the message says
+
+
+# ---- the writers: default_writers and WRITERS -----------------------------------------------------------------
+def test_default_writers_keeps_detectron2s_signature_and_writers(tmp_path):
+    from trainkit.engine import default_writers
+    from trainkit.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
+
+    writers = default_writers(str(tmp_path / "out"), 100)
+    assert [type(w) for w in writers] == [CommonMetricPrinter, JSONWriter, TensorboardXWriter]
+    assert (tmp_path / "out").is_dir()
+
+
+def test_writers_builds_the_named_writers_with_the_console_first(tmp_path):
+    from trainkit.utils.events import CommonMetricPrinter, CSVWriter, JSONWriter
+
+    trainer = DefaultTrainer(digits_cfg(tmp_path, "WRITERS", '["csv", "json", "console"]'))
+    assert [type(w) for w in trainer.build_writers()] == [CommonMetricPrinter, CSVWriter, JSONWriter]
+
+
+def test_an_unknown_writer_is_an_error_before_anything_is_built_and_at_build(tmp_path):
+    from trainkit.engine import default_writers
+
+    with pytest.raises(ValueError, match=r"unknown writer 'cvs' \(did you mean 'csv'\?\); the known writers are \["):
+        DefaultTrainer(digits_cfg(tmp_path / "a", "WRITERS", '["json", "cvs"]'))
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(ValueError, match=r"unknown writer 'mlflw' \(did you mean 'mlflow'\?\)"):
+        default_writers(str(tmp_path / "b"), 10, names=["mlflw"])

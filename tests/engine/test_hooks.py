@@ -1,6 +1,7 @@
 import bisect
 import itertools
 import json
+import logging
 import re
 import statistics
 import time
@@ -307,6 +308,39 @@ def test_periodic_writer_writes_and_closes_after_a_failed_step(tmp_path):
     assert _iters(seen["total_loss"]) == list(range(8))
     assert lines[-1]["total_loss"] == statistics.median(v for v, _ in seen["total_loss"].values())
     assert lines[-1]["lr"] == 0.05 * 0.5
+
+
+class WriterWithState(RecordingWriter):
+    """A writer with its own state, as the trackers have (their run id)."""
+
+    def __init__(self, run_id=None):
+        super().__init__()
+        self.run_id = run_id
+
+    def state_dict(self):
+        return {} if self.run_id is None else {"run_id": self.run_id}
+
+    def load_state_dict(self, state):
+        self.run_id = state.get("run_id")
+
+
+def test_periodic_writer_saves_its_writers_states_and_gives_them_back_to_writers_of_the_same_class(tmp_path, caplog):
+    trainer = make_trainer()
+    trainer.register_hooks([hooks.PeriodicWriter([RecordingWriter(), WriterWithState("run-7")], period=5)])
+    trainer.train(0, 10)
+    torch.save(trainer.state_dict(), tmp_path / "trainer.pth")
+    state = torch.load(tmp_path / "trainer.pth", weights_only=True)  # plain data
+    assert state["hooks"]["PeriodicWriter"]["writers"] == [
+        {"writer": "RecordingWriter", "state": {}}, {"writer": "WriterWithState", "state": {"run_id": "run-7"}}
+    ]
+    same, swapped = [RecordingWriter(), WriterWithState()], [WriterWithState(), RecordingWriter()]
+    for writers in (same, swapped):
+        resumed = make_trainer()
+        resumed.register_hooks([hooks.PeriodicWriter(writers, period=5)])
+        with caplog.at_level(logging.WARNING, logger="trainkit.engine.hooks"):
+            resumed.load_state_dict(state)
+    assert same[1].run_id == "run-7" and swapped[0].run_id is None
+    assert "writer state for WriterWithState does not go to the RecordingWriter in its place" in caplog.text
 
 
 def test_periodic_writer_takes_event_writers_only():
