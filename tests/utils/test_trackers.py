@@ -39,10 +39,11 @@ def test_mlflow_run_interrupted_and_resumed_holds_params_each_step_once_and_arti
     # The interrupted run logs steps 24 and 29 (and 32, at the end) after its last checkpoint (19).
     with pytest.raises(RuntimeError, match="failed at 32"):
         train(cfg, extra_hooks=[FailAt(32)])
-    _, results = train(cfg, resume=True)
-
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.get_experiment_by_name("trainkit")
+    assert [r.info.status for r in client.search_runs([experiment.experiment_id])] == ["FAILED"]
+    _, results = train(cfg, resume=True)
+
     (run,) = client.search_runs([experiment.experiment_id])  # the resumed run continued the same MLflow run
     assert run.info.status == "FINISHED"
     assert run.data.params == flatten_config(cfg) and run.data.params["SOLVER.BASE_LR"] == "0.1"

@@ -13,6 +13,7 @@ import importlib
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -93,7 +94,10 @@ class _TrackerWriter(EventWriter):
         if not self._started:
             return
         self._started = False
-        self._finish(_evaluation_results(get_event_storage()) if has_event_storage() else {})
+        # PeriodicWriter closes its writers in after_train, which also runs while an exception ends training:
+        # the run is then marked failed (a resume continues it all the same).
+        failed = sys.exc_info()[0] is not None
+        self._finish(_evaluation_results(get_event_storage()) if has_event_storage() else {}, failed)
 
     def _config_text(self) -> str:
         dump = getattr(self._config, "dump", None)
@@ -107,7 +111,7 @@ class _TrackerWriter(EventWriter):
     def _log(self, scalars_by_iter: Dict[int, Dict[str, float]]) -> None:
         raise NotImplementedError
 
-    def _finish(self, evaluation: Dict[str, Dict[str, float]]) -> None:
+    def _finish(self, evaluation: Dict[str, Dict[str, float]], failed: bool) -> None:
         raise NotImplementedError
 
 
@@ -121,7 +125,8 @@ class MLflowWriter(_TrackerWriter):
     * A new run logs the flattened config as parameters (``SOLVER.BASE_LR``, ...) and ``config.yaml`` as an
       artifact; every write logs its scalars with ``step=iteration`` in ``log_batch`` calls (one per 1000
       values: one round trip per write, not one per value); ``close()`` logs the latest evaluation results
-      as ``final_evaluation.json`` and marks the run finished.
+      as ``final_evaluation.json`` and marks the run ``FINISHED`` (``FAILED`` when an exception ended
+      training).
     * A resumed run (the run id comes back from the checkpoint) continues the same MLflow run. MLflow cannot
       delete logged values, so it skips the steps that the interrupted run logged after its checkpoint
       (the resumed run computes them again, with the same values when the resume is exact); no step is
@@ -207,10 +212,10 @@ class MLflowWriter(_TrackerWriter):
         for i in range(0, len(metrics), self._MAX_METRICS):
             self._client.log_batch(self._run_id, metrics=metrics[i : i + self._MAX_METRICS])
 
-    def _finish(self, evaluation: Dict[str, Dict[str, float]]) -> None:
+    def _finish(self, evaluation: Dict[str, Dict[str, float]], failed: bool) -> None:
         if evaluation:
             self._client.log_dict(self._run_id, evaluation, "final_evaluation.json")
-        self._client.set_terminated(self._run_id, "FINISHED")
+        self._client.set_terminated(self._run_id, "FAILED" if failed else "FINISHED")
 
 
 class WandbWriter(_TrackerWriter):
@@ -275,8 +280,8 @@ class WandbWriter(_TrackerWriter):
         for itr, scalars in scalars_by_iter.items():
             self._run.log(scalars, step=itr)
 
-    def _finish(self, evaluation: Dict[str, Dict[str, float]]) -> None:
+    def _finish(self, evaluation: Dict[str, Dict[str, float]], failed: bool) -> None:
         if evaluation:
             self._run.summary["final_evaluation"] = evaluation
-        self._run.finish()
+        self._run.finish(exit_code=1 if failed else 0)
         self._run = None
