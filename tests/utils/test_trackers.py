@@ -6,10 +6,13 @@ import json
 import os
 import struct
 import sys
+from datetime import timedelta
 
 import pytest
 
 from tests.engine.test_defaults import CONSTANT_LR, FailAt, digits_cfg, read_metrics, train
+from trainkit.engine import launch
+from trainkit.utils import comm
 from trainkit.utils.events import EventStorage
 from trainkit.utils.trackers import MLflowWriter, WandbWriter, flatten_config
 
@@ -65,12 +68,18 @@ def test_mlflow_run_interrupted_and_resumed_holds_params_each_step_once_and_arti
     assert json.loads((folder / "final_evaluation.json").read_text()) == results
 
 
-def test_mlflow_writer_logs_to_mlflow_tracking_uri_when_set(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def team_store(tmp_path_factory):
+    """A SQLite store shared by the tests below (a new store costs seconds: MLflow migrates its schema)."""
     _needs("mlflow")
+    return f"sqlite:///{tmp_path_factory.mktemp('store')}/team.db"
+
+
+def test_mlflow_writer_logs_to_mlflow_tracking_uri_when_set(tmp_path, monkeypatch, team_store):
     from mlflow.tracking import MlflowClient
 
     monkeypatch.chdir(tmp_path)  # MLflow puts the artifacts of a store it was given in ./mlruns
-    uri = f"sqlite:///{tmp_path}/team.db"
+    uri = team_store
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     writer = MLflowWriter(str(tmp_path / "out"), config={"SOLVER": {"BASE_LR": 0.5}}, experiment_name="e")
     with EventStorage(0) as storage:
@@ -84,6 +93,26 @@ def test_mlflow_writer_logs_to_mlflow_tracking_uri_when_set(tmp_path, monkeypatc
     assert run.data.params == {"SOLVER.BASE_LR": "0.5"}
     history = MlflowClient(uri).get_metric_history(run.info.run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.5), (2, 1.0 / 3)]
+
+
+def _log_on_every_rank(root, uri):
+    os.chdir(root)
+    writer = MLflowWriter(root, experiment_name="two_processes", tracking_uri=uri)
+    with EventStorage(0) as storage:
+        storage.put_scalar("rank", float(comm.get_rank()), smoothing_hint=False)
+        writer.write()
+        writer.close()
+    comm.synchronize()
+
+
+def test_only_the_main_process_logs_to_mlflow(tmp_path, team_store):
+    from mlflow.tracking import MlflowClient
+
+    launch(_log_on_every_rank, num_gpus_per_machine=2, args=(str(tmp_path), team_store),
+           timeout=timedelta(seconds=120))
+    client = MlflowClient(team_store)
+    (run,) = client.search_runs([client.get_experiment_by_name("two_processes").experiment_id])
+    assert run.data.metrics == {"rank": 0.0}
 
 
 def test_a_tracker_whose_package_is_missing_names_the_extra_to_install(tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ import logging
 import os
 from typing import Any, Dict, List, Optional
 
-from trainkit.utils.events import EventWriter, _new_scalars_by_iter, get_event_storage, keep_old_file
+from trainkit.utils.events import EventWriter, _new_scalars_by_iter, get_event_storage, _keep_old_file
 
 __all__ = ["CSVWriter"]
 
@@ -49,7 +49,7 @@ class CSVWriter(EventWriter):
             if start_iter > 0:
                 self._keep_rows_through(kept)
             else:
-                keep_old_file(self._path)
+                _keep_old_file(self._path)
         self._file_handle = open(self._path, "a", newline="")
         self._last_write = kept
         self._continue_after = None

@@ -500,7 +500,7 @@ def _new_scalars_by_iter(storage: EventStorage, window_size: int, after: int) ->
     return dict(sorted(by_iter.items()))
 
 
-def keep_old_file(path: str) -> str:
+def _keep_old_file(path: str) -> str:
     """Moves ``path`` (an earlier run's output) to ``<path>.<n>.bak`` with the first free ``n``; returns that.
 
     What the file writers do when a run starts at iteration 0 over a non-empty file of theirs.
@@ -549,7 +549,7 @@ class JSONWriter(EventWriter):
             if start_iter > 0:
                 self._drop_lines_from(kept + 1)
             else:
-                keep_old_file(self._path)
+                _keep_old_file(self._path)
         self._file_handle = open(self._path, "a")
         # The file now ends at `kept`: write what was put after it (a reused writer writes from there again).
         self._last_write = kept
