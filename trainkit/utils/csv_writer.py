@@ -8,7 +8,7 @@ import logging
 import os
 from typing import Any, Dict, List, Optional
 
-from trainkit.utils.events import EventWriter, _new_scalars_by_iter, get_event_storage, _keep_old_file
+from trainkit.utils.events import EventWriter, _keep_old_file, _new_scalars_by_iter, get_event_storage
 
 __all__ = ["CSVWriter"]
 
