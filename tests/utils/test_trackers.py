@@ -86,6 +86,7 @@ def test_mlflow_writer_logs_to_mlflow_tracking_uri_when_set(tmp_path, monkeypatc
         for it in range(3):
             storage.iter = it
             storage.put_scalar("loss", 1.0 / (it + 1), smoothing_hint=False)
+            storage.put_scalar("top@1 (%)", 50.0 + it, smoothing_hint=False)  # characters MLflow refuses
             writer.write()
         writer.close()
     assert writer.tracking_uri == uri and not (tmp_path / "out" / "mlflow.db").exists()
@@ -93,6 +94,7 @@ def test_mlflow_writer_logs_to_mlflow_tracking_uri_when_set(tmp_path, monkeypatc
     assert run.data.params == {"SOLVER.BASE_LR": "0.5"}
     history = MlflowClient(uri).get_metric_history(run.info.run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.5), (2, 1.0 / 3)]
+    assert [m.value for m in MlflowClient(uri).get_metric_history(run.info.run_id, "top_1 ___")] == [50.0, 51.0, 52.0]
 
 
 def _log_on_every_rank(root, uri):

@@ -13,6 +13,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from typing import Any, Dict, List, Mapping, Optional
@@ -159,6 +160,7 @@ class MLflowWriter(_TrackerWriter):
         self._run_name = run_name
         self._tracking_uri = tracking_uri
         self._client: Any = None
+        self._names: Dict[str, str] = {}  # scalar name -> MLflow metric name
 
     @property
     def tracking_uri(self) -> str:
@@ -206,11 +208,20 @@ class MLflowWriter(_TrackerWriter):
         entities = _import("mlflow.entities", "mlflow")
         now = int(time.time() * 1000)
         metrics: List[Any] = [
-            entities.Metric(name, value, now, itr) for itr, scalars in scalars_by_iter.items()
+            entities.Metric(self._metric_name(name), value, now, itr) for itr, scalars in scalars_by_iter.items()
             for name, value in scalars.items()
         ]
         for i in range(0, len(metrics), self._MAX_METRICS):
             self._client.log_batch(self._run_id, metrics=metrics[i : i + self._MAX_METRICS])
+
+    def _metric_name(self, name: str) -> str:
+        # MLflow refuses names with other characters than these (the whole batch would fail): replace them.
+        valid = self._names.get(name)
+        if valid is None:
+            valid = self._names[name] = re.sub(r"[^\w\-. :/]", "_", name)
+            if valid != name:
+                logger.warning("MLflow does not take the metric name %r: it is logged as %r.", name, valid)
+        return valid
 
     def _finish(self, evaluation: Dict[str, Dict[str, float]], failed: bool) -> None:
         if evaluation:
