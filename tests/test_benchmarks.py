@@ -96,3 +96,14 @@ def test_fsdp_memory_benchmark_prints_both_variants_for_both_ranks_and_their_rat
     assert held["fsdp"] < held["ddp"]  # the shard is what an FSDP process holds by design
     assert "ratio fsdp/ddp (largest rank): " in out
 
+
+def test_writers_benchmark_prints_a_ratio_for_every_writer():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "writers.py"), "--repeats", "1", "--period", "2", "--names", "3"],
+        capture_output=True, text=True, timeout=300, check=True,
+    ).stdout
+    rows = [line.split() for line in out.splitlines() if line.startswith(("json", "csv", "mlflow"))]
+    assert [r[0] for r in rows] == ["json", "csv", "mlflow", "mlflow"]
+    for row in rows:
+        hand, trainkit, ratio = map(float, row[-3:])
+        assert hand > 0 and trainkit > 0 and abs(ratio - trainkit / hand) < 0.02 * ratio  # times printed to 0.1 us
