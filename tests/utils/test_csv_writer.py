@@ -3,7 +3,8 @@ import os
 
 import pytest
 
-from tests.engine.test_defaults import FailAt, digits_cfg, read_metrics, train
+from tests.engine.digits_runs import digits_cfg, read_metrics, train
+from tests.engine.test_hooks import FailAt
 from trainkit.utils.events import CSVWriter, EventStorage
 
 

@@ -11,7 +11,7 @@ import os
 import sys
 import weakref
 from collections import OrderedDict
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from fvcore.nn.precise_bn import get_bn_modules
@@ -237,12 +237,14 @@ def default_writers(
     max_iter: Optional[int] = None,
     names: Sequence[str] = ("json", "tensorboard", "console"),
     config: Optional[CfgNode] = None,
+    evaluation_results: Optional[Callable[[], Optional[Mapping[str, Any]]]] = None,
 ) -> List[EventWriter]:
     """The writers named in ``names`` (the config's ``WRITERS``), writing into ``output_dir``.
 
     ``"console"`` (:class:`CommonMetricPrinter`, with ETA), ``"json"`` (``metrics.json``), ``"tensorboard"``,
     ``"csv"`` (``metrics.csv``), ``"mlflow"`` and ``"wandb"`` (:mod:`trainkit.utils.trackers`; they log
-    ``config`` as the run's parameters). The console writer comes first whatever the order of ``names``, so
+    ``config`` as the run's parameters, and what ``evaluation_results()`` returns at the end as its final
+    evaluation). The console writer comes first whatever the order of ``names``, so
     that the ``eta_seconds`` it puts reaches the files. With the defaults, detectron2's three writers.
 
     Raises:
@@ -252,10 +254,12 @@ def default_writers(
     check_writer_names(names)
     os.makedirs(output_dir, exist_ok=True)
     ordered = sorted(names, key=lambda n: n != "console")  # stable: the rest keep their order
-    return [_build_writer(name, output_dir, max_iter, config) for name in ordered]
+    return [_build_writer(name, output_dir, max_iter, config, evaluation_results) for name in ordered]
 
 
-def _build_writer(name: str, output_dir: str, max_iter: Optional[int], config: Optional[CfgNode]) -> EventWriter:
+def _build_writer(
+    name: str, output_dir: str, max_iter: Optional[int], config: Optional[CfgNode], evaluation_results: Any
+) -> EventWriter:
     if name == "console":
         return CommonMetricPrinter(max_iter)
     if name == "json":
@@ -267,9 +271,9 @@ def _build_writer(name: str, output_dir: str, max_iter: Optional[int], config: O
     from trainkit.utils import trackers  # optional packages: imported only when asked for
 
     if name == "mlflow":
-        return trackers.MLflowWriter(output_dir, config=config)
+        return trackers.MLflowWriter(output_dir, config=config, evaluation_results=evaluation_results)
     if name == "wandb":
-        return trackers.WandbWriter(output_dir, config=config)
+        return trackers.WandbWriter(output_dir, config=config, evaluation_results=evaluation_results)
     raise AssertionError(f"check_writer_names let {name!r} through without a writer for it")
 
 
@@ -592,8 +596,11 @@ class DefaultTrainer(TrainerBase):
         ]
 
     def build_writers(self) -> List[EventWriter]:
-        """The writers of the PeriodicWriter hook: :func:`default_writers` of the config's ``WRITERS``."""
-        return default_writers(self.cfg.OUTPUT_DIR, self.max_iter, names=self.cfg.WRITERS, config=self.cfg)
+        """The writers of the PeriodicWriter hook: :func:`default_writers` of the config's ``WRITERS``. The
+        trackers log the results of the last evaluation at the end."""
+        weak_self = weakref.proxy(self)
+        return default_writers(self.cfg.OUTPUT_DIR, self.max_iter, names=self.cfg.WRITERS, config=self.cfg,
+                               evaluation_results=lambda: weak_self._last_eval_results)
 
     @classmethod
     def build_model(cls, cfg: CfgNode) -> nn.Module:

@@ -16,10 +16,10 @@ import os
 import re
 import sys
 import time
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from trainkit.utils import comm
-from trainkit.utils.events import EventStorage, EventWriter, _new_scalars_by_iter, get_event_storage, has_event_storage
+from trainkit.utils.events import EventWriter, _new_scalars_by_iter, get_event_storage
 
 __all__ = ["MLflowWriter", "WandbWriter", "flatten_config"]
 
@@ -47,24 +47,20 @@ def flatten_config(config: Mapping[str, Any], prefix: str = "") -> Dict[str, str
     return flat
 
 
-def _evaluation_results(storage: EventStorage) -> Dict[str, Dict[str, float]]:
-    # The latest evaluation: the "task/metric" scalars that EvalHook puts (without a smoothing hint), nested.
-    hints = storage.smoothing_hints()
-    results: Dict[str, Dict[str, float]] = {}
-    for name, (value, _) in storage.latest().items():
-        if "/" in name and not hints[name]:
-            task, metric = name.split("/", 1)
-            results.setdefault(task, {})[metric] = value
-    return results
-
-
 class _TrackerWriter(EventWriter):
     # The part both trackers share: main process only, start or continue the run at the first write, log
     # each iteration after the last one the run holds, log the evaluation and end the run at close().
 
-    def __init__(self, output_dir: str, config: Optional[Mapping[str, Any]], window_size: int) -> None:
+    def __init__(
+        self,
+        output_dir: str,
+        config: Optional[Mapping[str, Any]],
+        window_size: int,
+        evaluation_results: Optional[Callable[[], Optional[Mapping[str, Any]]]],
+    ) -> None:
         self._output_dir = output_dir
         self._config = config
+        self._evaluation_results = evaluation_results
         self._window_size = window_size
         self._run_id: Optional[str] = None
         self._started = False
@@ -98,7 +94,8 @@ class _TrackerWriter(EventWriter):
         # PeriodicWriter closes its writers in after_train, which also runs while an exception ends training:
         # the run is then marked failed (a resume continues it all the same).
         failed = sys.exc_info()[0] is not None
-        self._finish(_evaluation_results(get_event_storage()) if has_event_storage() else {}, failed)
+        results = self._evaluation_results() if self._evaluation_results is not None else None
+        self._finish(dict(results or {}), failed)
 
     def _config_text(self) -> str:
         dump = getattr(self._config, "dump", None)
@@ -112,7 +109,7 @@ class _TrackerWriter(EventWriter):
     def _log(self, scalars_by_iter: Dict[int, Dict[str, float]]) -> None:
         raise NotImplementedError
 
-    def _finish(self, evaluation: Dict[str, Dict[str, float]], failed: bool) -> None:
+    def _finish(self, evaluation: Dict[str, Any], failed: bool) -> None:
         raise NotImplementedError
 
 
@@ -125,8 +122,8 @@ class MLflowWriter(_TrackerWriter):
       artifacts go to ``<output_dir>/mlartifacts``.
     * A new run logs the flattened config as parameters (``SOLVER.BASE_LR``, ...) and ``config.yaml`` as an
       artifact; every write logs its scalars with ``step=iteration`` in ``log_batch`` calls (one per 1000
-      values: one round trip per write, not one per value); ``close()`` logs the latest evaluation results
-      as ``final_evaluation.json`` and marks the run ``FINISHED`` (``FAILED`` when an exception ended
+      values: one round trip per write, not one per value); ``close()`` logs what ``evaluation_results()``
+      returns (DefaultTrainer's last evaluation) as ``final_evaluation.json`` and marks the run ``FINISHED`` (``FAILED`` when an exception ended
       training).
     * A resumed run (the run id comes back from the checkpoint) continues the same MLflow run. MLflow cannot
       delete logged values, so it skips the steps that the interrupted run logged after its checkpoint
@@ -141,6 +138,8 @@ class MLflowWriter(_TrackerWriter):
         run_name: the MLflow run name (MLflow picks one when None).
         tracking_uri: the store; see above.
         window_size: window of the median for metrics with a smoothing hint.
+        evaluation_results: called at ``close()``; the results it returns (``{"task": {"metric": value}}``, or
+            None) are logged as the final evaluation. DefaultTrainer gives its last evaluation's results.
     """
 
     # MLflow's limits per log_batch call.
@@ -154,8 +153,9 @@ class MLflowWriter(_TrackerWriter):
         run_name: Optional[str] = None,
         tracking_uri: Optional[str] = None,
         window_size: int = 20,
+        evaluation_results: Optional[Callable[[], Optional[Mapping[str, Any]]]] = None,
     ) -> None:
-        super().__init__(output_dir, config, window_size)
+        super().__init__(output_dir, config, window_size, evaluation_results)
         self._experiment_name = experiment_name
         self._run_name = run_name
         self._tracking_uri = tracking_uri
@@ -223,7 +223,7 @@ class MLflowWriter(_TrackerWriter):
                 logger.warning("MLflow does not take the metric name %r: it is logged as %r.", name, valid)
         return valid
 
-    def _finish(self, evaluation: Dict[str, Dict[str, float]], failed: bool) -> None:
+    def _finish(self, evaluation: Dict[str, Any], failed: bool) -> None:
         if evaluation:
             self._client.log_dict(self._run_id, evaluation, "final_evaluation.json")
         self._client.set_terminated(self._run_id, "FAILED" if failed else "FINISHED")
@@ -235,7 +235,7 @@ class WandbWriter(_TrackerWriter):
     W&B's own settings apply: ``WANDB_MODE`` (``offline`` writes the run under ``<output_dir>/wandb`` for a
     later ``wandb sync``; ``disabled`` logs nothing), ``WANDB_PROJECT``, ``WANDB_API_KEY`` and so on. The run
     holds the flattened config as its config and ``trainkit_config.yaml`` as a file, every scalar at
-    ``step=iteration``, and the latest evaluation results in its summary. A resumed run continues the same
+    ``step=iteration``, and what ``evaluation_results()`` returns at the end in its summary. A resumed run continues the same
     run id (``resume="allow"``) and starts after the last step the interrupted run wrote before its
     checkpoint.
 
@@ -245,6 +245,8 @@ class WandbWriter(_TrackerWriter):
         project: the W&B project (``WANDB_PROJECT`` when None).
         run_name: the run's display name.
         window_size: window of the median for metrics with a smoothing hint.
+        evaluation_results: called at ``close()``; its results go into the run's summary as
+            ``final_evaluation`` (see :class:`MLflowWriter`).
         init_kwargs: more arguments of ``wandb.init`` (``entity``, ``tags``, ``group``, ...).
     """
 
@@ -255,9 +257,10 @@ class WandbWriter(_TrackerWriter):
         project: Optional[str] = None,
         run_name: Optional[str] = None,
         window_size: int = 20,
+        evaluation_results: Optional[Callable[[], Optional[Mapping[str, Any]]]] = None,
         **init_kwargs: Any,
     ) -> None:
-        super().__init__(output_dir, config, window_size)
+        super().__init__(output_dir, config, window_size, evaluation_results)
         self._project = project
         self._run_name = run_name
         self._init_kwargs = init_kwargs
@@ -291,7 +294,7 @@ class WandbWriter(_TrackerWriter):
         for itr, scalars in scalars_by_iter.items():
             self._run.log(scalars, step=itr)
 
-    def _finish(self, evaluation: Dict[str, Dict[str, float]], failed: bool) -> None:
+    def _finish(self, evaluation: Dict[str, Any], failed: bool) -> None:
         if evaluation:
             self._run.summary["final_evaluation"] = evaluation
         self._run.finish(exit_code=1 if failed else 0)
