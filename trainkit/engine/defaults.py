@@ -1,14 +1,15 @@
-"""From a config to a training run: DefaultTrainer and the helpers of the command-line tools.
+"""From a config to a training run: DefaultTrainer, default_writers, create_ddp_model.
+
+``default_argument_parser`` and ``default_setup`` (the command line) are in :mod:`trainkit.engine.command_line`
+and importable from here, as in detectron2.
 
 This is the one module that turns a config into objects. Every ``build_*`` is a classmethod (or method) that
 a subclass can override to change one part of the run and keep the rest. Nothing in the library imports
 this module: only tools and users do.
 """
-import argparse
 import contextlib
 import logging
 import os
-import sys
 import weakref
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
@@ -31,6 +32,7 @@ from trainkit.data import (
     set_train_loader_start,
 )
 from trainkit.engine import hooks
+from trainkit.engine.command_line import default_argument_parser, default_setup
 from trainkit.engine.compile import compile_model
 from trainkit.engine.parallel import check_equal_batches, create_fsdp_model, is_fsdp_model
 from trainkit.engine.train_loop import AMPTrainer, HookBase, SimpleTrainer, TrainerBase
@@ -38,10 +40,10 @@ from trainkit.evaluation import ClassificationEvaluator, DatasetEvaluator, infer
 from trainkit.modeling import build_model, parameter_summary
 from trainkit.solver import build_lr_scheduler, build_optimizer
 from trainkit.utils import comm
-from trainkit.utils.env import collect_env_info, get_rng_state, seed_all_rng, set_rng_state
+from trainkit.utils.env import get_rng_state, set_rng_state
 from trainkit.utils.events import CommonMetricPrinter, CSVWriter, EventWriter, JSONWriter, TensorboardXWriter
 from trainkit.utils.logger import setup_logger
-from trainkit.utils.output_dir import LOCK_FILE, lock_output_dir, unlock_output_dir
+from trainkit.utils.output_dir import lock_output_dir, unlock_output_dir
 
 __all__ = [
     "create_ddp_model",
@@ -83,153 +85,6 @@ def create_ddp_model(model: nn.Module, *, fp16_compression: bool = False, **kwar
 
         ddp.register_comm_hook(state=None, hook=default_hooks.fp16_compress_hook)
     return ddp
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    """argparse reads a flag that comes after the ``KEY VALUE`` overrides as one more override; say so."""
-
-    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
-        parsed, extra = super().parse_known_args(args, namespace)
-        flags = [o for o in getattr(parsed, "opts", None) or [] if isinstance(o, str) and o.startswith("--")]
-        if flags:
-            self.error(
-                f"{flags[0]} comes after the KEY VALUE config overrides, where it would be read as a config key. Move "
-                f"it before them, e.g. --config-file FILE {flags[0]} SOLVER.MAX_ITER 100."
-            )
-        return parsed, extra
-
-
-def default_argument_parser(epilog: Optional[str] = None) -> argparse.ArgumentParser:
-    """The command-line arguments of ``tools/train_net.py``: config file, resume, eval-only, processes.
-
-    Trailing ``KEY VALUE`` pairs override config options, e.g. ``SOLVER.MAX_ITER 100``.
-    """
-    parser = _ArgumentParser(
-        epilog=epilog
-        or "Examples:\n  Train:    %(prog)s --config-file configs/digits/mlp.yaml\n"
-        "  Resume:   %(prog)s --config-file configs/digits/mlp.yaml --resume\n"
-        "  Evaluate: %(prog)s --config-file configs/digits/mlp.yaml --eval-only MODEL.WEIGHTS output/model_final.pth\n"
-        "  2 procs:  %(prog)s --config-file configs/digits/mlp.yaml --num-gpus 2",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--config-file", default="", metavar="FILE", help="path to the config file")
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the last checkpoint in OUTPUT_DIR (MODEL.WEIGHTS is ignored when one exists)",
-    )
-    parser.add_argument("--eval-only", action="store_true", help="evaluate MODEL.WEIGHTS and exit")
-    parser.add_argument(
-        "--random-weights",
-        action="store_true",
-        help="with --eval-only: evaluate the model as initialised, without MODEL.WEIGHTS (a baseline)",
-    )
-    parser.add_argument(
-        "--start-over",
-        action="store_true",
-        help="train from iteration 0 in an OUTPUT_DIR that holds an earlier run's checkpoints; what is there "
-        "moves to OUTPUT_DIR/earlier_run_N",
-    )
-    parser.add_argument(
-        "--num-gpus", type=int, default=1, help="processes per machine (one per GPU; CPU processes without CUDA)"
-    )
-    parser.add_argument("--num-machines", type=int, default=1, help="total number of machines")
-    parser.add_argument("--machine-rank", type=int, default=0, help="rank of this machine (0 is the main one)")
-    parser.add_argument(
-        "--dist-url",
-        default="auto",
-        help="URL where the processes meet, e.g. tcp://10.0.0.1:29500 (machine 0's address); "
-        "'auto' picks a free local port (one machine only)",
-    )
-    parser.add_argument(
-        "opts",
-        default=None,
-        nargs=argparse.REMAINDER,
-        help="config overrides as space-separated KEY VALUE pairs at the end, e.g. SOLVER.MAX_ITER 100",
-    )
-    return parser
-
-
-def default_setup(cfg: CfgNode, args: argparse.Namespace) -> None:
-    """The usual start of a run: output folder, logging to console and file, environment info, config dump,
-    seeds.
-
-    Seeds every RNG with ``cfg.SEED + rank`` (a fresh random seed when ``SEED`` is negative; it is logged).
-    """
-    check_config_values(cfg)
-    output_dir = cfg.OUTPUT_DIR
-    rank = comm.get_rank()
-    if comm.is_main_process() and output_dir:
-        # Before anything is written there: a second run into the folder of a live one stops here, with an
-        # error naming the folder and the PID holding it. Held until this process ends.
-        lock_output_dir(output_dir)
-        _check_output_dir_for_this_run(cfg, args)
-    comm.synchronize()
-    setup_logger(output_dir or None, distributed_rank=rank, name="trainkit")
-    logger.info("Rank of current process: %d. World size: %d", rank, comm.get_world_size())
-    logger.info("Environment info:\n%s", collect_env_info())
-    logger.info("Command line arguments: %s", args)
-    if getattr(args, "config_file", ""):
-        logger.info("Config file %s", args.config_file)
-    if comm.is_main_process() and output_dir:
-        path = cfg.dump_to(output_dir, _config_file_name(cfg, args))
-        logger.info("Full config saved to %s", path)
-    seed = seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + rank)
-    logger.info("Seeded the RNGs of rank %d with %d", rank, seed)
-    if not getattr(args, "eval_only", False):
-        torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
-
-
-def _check_output_dir_for_this_run(cfg: CfgNode, args: argparse.Namespace) -> None:
-    # The command-line mistakes that would silently lose work: a fresh run over an earlier run's checkpoints,
-    # and an evaluation of random weights. Only for the flags of default_argument_parser: a script that builds
-    # its own Namespace without them says nothing about resuming.
-    if not hasattr(args, "resume"):
-        return
-    tag = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")
-    resume, eval_only = args.resume, getattr(args, "eval_only", False)
-    if eval_only:
-        has_weights = bool(cfg.MODEL.WEIGHTS) or (resume and os.path.exists(tag))
-        if not has_weights and not getattr(args, "random_weights", False):
-            raise ValueError(
-                "--eval-only needs weights to evaluate: give MODEL.WEIGHTS path/to/model.pth (at the end of the "
-                f"command), or --resume to evaluate the last checkpoint in OUTPUT_DIR={cfg.OUTPUT_DIR!r}, or "
-                "--random-weights to evaluate the untrained model on purpose."
-            )
-        return
-    if resume or not os.path.exists(tag):
-        return
-    if not getattr(args, "start_over", False):
-        with open(tag, "rb") as f:
-            named = f.read(200).decode("utf-8", "replace").strip()
-        raise FileExistsError(
-            f"OUTPUT_DIR {cfg.OUTPUT_DIR!r} holds the checkpoints of an earlier run ({tag} names {named!r}); a fresh "
-            "run would overwrite them. Continue that run with --resume, start over with --start-over (what is there "
-            "moves to OUTPUT_DIR/earlier_run_N), or give this run another OUTPUT_DIR."
-        )
-    n = 1
-    while os.path.exists(os.path.join(cfg.OUTPUT_DIR, f"earlier_run_{n}")):
-        n += 1
-    keep = os.path.join(cfg.OUTPUT_DIR, f"earlier_run_{n}")
-    os.makedirs(keep)
-    for name in os.listdir(cfg.OUTPUT_DIR):
-        if name != LOCK_FILE and not name.startswith("earlier_run_"):
-            os.replace(os.path.join(cfg.OUTPUT_DIR, name), os.path.join(keep, name))
-    logger.warning("--start-over: moved what the earlier run left in %s to %s", cfg.OUTPUT_DIR, keep)
-
-
-def _config_file_name(cfg: CfgNode, args: argparse.Namespace) -> str:
-    # A resumed run keeps the config.yaml of the run it continues; a changed config goes next to it.
-    old = os.path.join(cfg.OUTPUT_DIR, "config.yaml")
-    if not getattr(args, "resume", False) or not os.path.exists(old):
-        return "config.yaml"
-    with open(old) as f:
-        if f.read() == cfg.dump():
-            return "config.yaml"
-    n = 1
-    while os.path.exists(os.path.join(cfg.OUTPUT_DIR, f"config.resume_{n}.yaml")):
-        n += 1
-    return f"config.resume_{n}.yaml"
 
 
 def default_writers(
