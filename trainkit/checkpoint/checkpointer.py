@@ -270,7 +270,14 @@ class Checkpointer:
         else:
             data = _with_model_entry(load_checkpoint_file(path), path)
         load_model_state_dict(self.model, data.pop("model"), source=path)
-        loaded = ["model"]
+        loaded = ["model", *self._restore_checkpointables(names, data, path)]
+        logger.info("Restored %s from %s (extra data: %s)", ", ".join(loaded), path, sorted(data) or "none")
+        return data
+
+    def _restore_checkpointables(self, names: Sequence[str], data: Dict[str, Any], path: str) -> List[str]:
+        # Loads the named checkpointables' entries of `data` (from the file `path`), then drops every
+        # checkpointable's entry, so that `data` is left with the extra data. Returns the names restored.
+        loaded = []
         for key in names:
             if key not in data:
                 logger.warning("%s has no '%s' entry: %s keeps its current state.", path, key, key)
@@ -282,8 +289,7 @@ class Checkpointer:
             loaded.append(key)
         for key in self.checkpointables:
             data.pop(key, None)
-        logger.info("Restored %s from %s (extra data: %s)", ", ".join(loaded), path, sorted(data) or "none")
-        return data
+        return loaded
 
     def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
         """Resume from the last checkpoint in ``save_dir`` if asked and present, else load weights from ``path``.

@@ -442,15 +442,8 @@ class ShardedCheckpointer(Checkpointer):
             optimizer_state = _merge_optimizer_state(tensors["optimizer"], rest["optimizer"])
             set_optimizer_state_dict(self.model, self.optimizer, optimizer_state)
         rest.pop("optimizer", None)
-        for key in names:
-            if key not in rest:
-                logger.warning("%s has no '%s' entry: %s keeps its current state.", path, key, key)
-                continue
-            try:
-                self.checkpointables[key].load_state_dict(rest.pop(key))
-            except (ValueError, KeyError, TypeError, RuntimeError) as e:
-                raise CheckpointError(f"Could not restore '{key}' from '{path}': {e}") from e
-        return {k: v for k, v in rest.items() if k not in self.checkpointables}
+        self._restore_checkpointables(names, rest, path)
+        return rest
 
     def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
         """As :meth:`Checkpointer.resume_or_load`, for checkpoint folders."""
