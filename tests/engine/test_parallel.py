@@ -178,6 +178,8 @@ def test_wrap_policy_default_is_every_child_with_parameters_and_a_typo_is_an_err
 
 @pytest.mark.parametrize("opts, named", [
     (("SOLVER.AMP.ENABLED", True, "SOLVER.AMP.PRECISION", "float16"), "SOLVER.AMP.PRECISION float16"),
+    (("MODEL_EMA.ENABLED", True), "MODEL_EMA.ENABLED"),
+    (("MODEL.COMPILE", True), "MODEL.COMPILE"),
 ])
 def test_unsupported_settings_are_refused_before_the_run(tmp_path, opts, named):
     with pytest.raises(NotImplementedError, match=named):

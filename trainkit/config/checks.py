@@ -130,6 +130,8 @@ def _check_fsdp_support(cfg: Any) -> None:
                            "bfloat16)")
     if cfg.get("MODEL_EMA") is not None and cfg.MODEL_EMA.get("ENABLED", False):
         unsupported.append("MODEL_EMA.ENABLED (EMA of sharded parameters; set it to False)")
+    if cfg.MODEL.get("COMPILE", False):
+        unsupported.append("MODEL.COMPILE (FSDP2 wants each block compiled before it is sharded; set it to False)")
     if unsupported:
         raise NotImplementedError(
             "MODEL.PARALLEL fsdp does not support yet: " + "; ".join(unsupported) + ". Change these keys, or use "

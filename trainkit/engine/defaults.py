@@ -248,13 +248,8 @@ class DefaultTrainer(TrainerBase):
 
     def _compiled(self, cfg: CfgNode, model: nn.Module) -> nn.Module:
         # MODEL.COMPILE: the inner module, before DDP wraps it, as torch's docs advise: dynamo does not trace
-        # DDP's hooks well, and DDP then all-reduces the compiled module's gradients as usual.
-        if self._sharded:
-            # FSDP2 wants each block compiled before it is sharded (torchtitan's order); not built yet.
-            raise ValueError(
-                "MODEL.COMPILE True with MODEL.PARALLEL 'fsdp' is not supported yet: set MODEL.COMPILE False, or "
-                "MODEL.PARALLEL 'ddp' to compile."
-            )
+        # DDP's hooks well, and DDP then all-reduces the compiled module's gradients as usual. (With FSDP it is
+        # refused by check_config_values: FSDP2 wants each block compiled before it is sharded.)
         return compile_model(model, cfg.MODEL.COMPILE_MODE, cfg.MODEL.COMPILE_BACKEND, off_switch=_NO_COMPILE)
 
     # ---- the parts of the inner trainer, as attributes of this one -----------------------------------------
@@ -356,8 +351,7 @@ class DefaultTrainer(TrainerBase):
             try:
                 super().after_train()
             finally:
-                if self._sharded:
-                    self.checkpointer.wait()  # a background save of the last checkpoint is published
+                self.checkpointer.wait()  # a background save in flight (any checkpointer) is written and published
 
     # ---- state ---------------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
